@@ -1,0 +1,23 @@
+# `make test` takes a fresh machine to a passing test suite: venv, install, pytest.
+PY ?= python3
+VENV ?= .venv
+PIP = $(VENV)/bin/pip
+PYTEST_ARGS ?=
+
+.PHONY: test install clean
+
+$(VENV)/.installed: setup.py
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: the CPU wheel on local disk, never the multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test,tfds]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(VENV)/bin/python -m pytest -q -n 2 $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

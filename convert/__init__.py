@@ -1,0 +1,1 @@
+"""PyTorch -> Flax weight converters (import torch; not needed at run time)."""

@@ -1,0 +1,1 @@
+"""Dataset readers, the input pipeline and the demo-data generator."""

@@ -1,0 +1,1 @@
+"""Frozen backbones (CLIP, DINOv3) and the trainable SSVP heads."""
