@@ -34,7 +34,7 @@ setup(
     extras_require={
         "convert": CONVERT,
         "test": TEST,
-        "tfds": ["tensorflow-datasets", "array_record"],
+        "tfds": ["tensorflow-datasets>=4.9.10", "array_record>=0.8.6", "importlib_resources"],
         "cuda": ["jax[cuda12]"],
     },
 )
