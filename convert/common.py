@@ -143,9 +143,10 @@ def read_checkpoint(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file or folder")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
+    # Through torch, not safetensors.numpy: NumPy has no bfloat16, and hub copies often are bf16.
+    from safetensors.torch import load_file
     try:
-      return {k: np.asarray(v, dtype=np.float32) for k, v in load_file(path).items()}
+      return _to_numpy(load_file(path))
     except Exception as e:
       raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
   return _load_torch_file(path, allow_pickle)
