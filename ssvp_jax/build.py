@@ -1,0 +1,92 @@
+"""Builds the frozen backbones, the tokenizer and the SSVP model from a config.
+
+Real runs read converted bundles (`config.clip.bundle`, `config.dino.bundle`, written by
+convert/clip.py and convert/dinov3.py). The demo and the tests, which cannot download weights,
+set `random_init` to one of the PRESETS below instead and get randomly initialised backbones
+and a byte-level tokenizer.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+from flax import nnx
+
+from ssvp_jax.models import clip as clip_lib
+from ssvp_jax.models import dinov3 as dinov3_lib
+from ssvp_jax.models.ssvp import SSVP
+
+
+def _tiny_clip() -> clip_lib.CLIPConfig:
+  return clip_lib.CLIPConfig(
+      vision=clip_lib.VisionConfig(image_size=28, patch_size=7, width=36, layers=2, heads=3, mlp_dim=52),
+      text=clip_lib.TextConfig(vocab_size=clip_lib.BYTE_VOCAB_SIZE, context_length=24, width=24, layers=1,
+                               heads=2, mlp_dim=40),
+      projection_dim=20)
+
+
+def _demo_clip() -> clip_lib.CLIPConfig:
+  return clip_lib.CLIPConfig(
+      vision=clip_lib.VisionConfig(image_size=112, patch_size=8, width=96, layers=4, heads=4, mlp_dim=256),
+      text=clip_lib.TextConfig(vocab_size=clip_lib.BYTE_VOCAB_SIZE, context_length=32, width=64, layers=2,
+                               heads=4, mlp_dim=160),
+      projection_dim=64)
+
+
+# name -> (CLIP config, DINOv3 config); both give the same token grid at the configured sizes.
+PRESETS = {
+    "tiny": (_tiny_clip, lambda: dinov3_lib.DINOv3Config(hidden_size=32, num_layers=2, num_heads=2,
+                                                          intermediate_size=44, patch_size=4,
+                                                          num_register_tokens=1)),
+    "demo": (_demo_clip, lambda: dinov3_lib.DINOv3Config(hidden_size=96, num_layers=4, num_heads=4,
+                                                          intermediate_size=256, patch_size=8,
+                                                          num_register_tokens=2)),
+}
+
+
+def _preset(section: ml_collections.ConfigDict, which: int, name: str):
+  if section.random_init not in PRESETS:
+    raise ValueError(f"config.{name}.random_init={section.random_init!r} is not a preset "
+                     f"({', '.join(PRESETS)})")
+  return PRESETS[section.random_init][which]()
+
+
+def build_clip(config: ml_collections.ConfigDict):
+  """(CLIP module, tokenizer) from `config.clip`."""
+  c = config.clip
+  if c.bundle:
+    return (clip_lib.load(c.bundle, pos_interpolation=c.pos_interpolation), clip_lib.load_tokenizer(c.bundle))
+  if c.random_init:
+    cfg = _preset(c, 0, "clip").replace(pos_interpolation=c.pos_interpolation)
+    model = clip_lib.CLIP(cfg, rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(config.seed), 1)))
+    return model, clip_lib.byte_level_tokenizer()
+  raise ValueError("config.clip.bundle is empty: convert the CLIP weights with "
+                   "`python convert/clip.py --src PATH --out DIR` first and pass --config.clip.bundle=DIR")
+
+
+def build_dino(config: ml_collections.ConfigDict) -> dinov3_lib.DINOv3:
+  """DINOv3 module from `config.dino`."""
+  d = config.dino
+  if d.bundle:
+    return dinov3_lib.load(d.bundle)
+  if d.random_init:
+    return dinov3_lib.DINOv3(_preset(d, 1, "dino"), rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(config.seed), 2)))
+  raise ValueError("config.dino.bundle is empty: convert the DINOv3 weights with "
+                   "`python convert/dinov3.py --src PATH --out DIR` first and pass --config.dino.bundle=DIR")
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[SSVP, object]:
+  """(SSVP model with fresh heads, tokenizer) from a full config."""
+  clip, tokenizer = build_clip(config)
+  dino = build_dino(config)
+  for name, size, patch in (("clip", config.clip.image_size, clip.config.vision.patch_size),
+                            ("dino", config.dino.image_size, dino.cfg.patch_size)):
+    if size % patch:
+      raise ValueError(f"config.{name}.image_size={size} is not a multiple of the patch size {patch}")
+  if config.clip.image_size // clip.config.vision.patch_size != config.dino.image_size // dino.cfg.patch_size:
+    raise ValueError(f"config.clip.image_size={config.clip.image_size} (patch {clip.config.vision.patch_size}) and "
+                     f"config.dino.image_size={config.dino.image_size} (patch {dino.cfg.patch_size}) give "
+                     "different token grids; SSVP fuses the two grids token by token")
+  model = SSVP(config.model, clip, dino, config.clip.layers, config.dino.layers, config.clip.local_tokens,
+               rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), 3)))
+  return model, tokenizer

@@ -1,0 +1,188 @@
+"""Zero-shot evaluation: maps and scores per category, metrics, and the report files.
+
+    python -m ssvp_jax.evaluate --config=configs/demo.py --workdir=runs/demo
+
+evaluates the latest checkpoint in the work directory on every `config.eval_data` entry and
+writes `eval/results.{json,csv,md}` and overlay PNGs there. Training runs the same code at its end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ssvp_jax import maps as maps_lib
+from ssvp_jax import metrics, report
+from ssvp_jax.data.pipeline import iterate_batches, load_image, resize_image
+from ssvp_jax.models.prompts import make_templates
+from ssvp_jax.models.ssvp import SSVP
+
+log = logging.getLogger("ssvp_jax")
+
+
+@nnx.jit(static_argnames=("size", "sigma"))
+def eval_step(model: SSVP, clip_images, dino_images, t_init, size: int, sigma: float):
+  """Deterministic (z = mu) maps at the input resolution and the three image scores."""
+  out = model.heads(model.features(clip_images, dino_images), t_init, deterministic=True)
+  return maps_lib.postprocess(out.p_map, size, sigma), out.s_global, out.s_local, out.s_final
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+  span = x.max() - x.min()
+  return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def image_scores(s_global: np.ndarray, s_local: np.ndarray, s_final: np.ndarray, gamma: float, norm: str
+                 ) -> np.ndarray:
+  """Eq. 19 as computed (D15 "none"), or Bayes-PFL's transductive per-class min-max (D15 "minmax")."""
+  if norm == "none":
+    return s_final
+  if norm == "minmax":
+    return (1 - gamma) * _minmax(s_global) + gamma * _minmax(s_local)
+  raise ValueError(f"config.eval.score_norm must be 'none' or 'minmax', got {norm!r}")
+
+
+def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, records, desc: str = "eval"
+                    ) -> dict[str, np.ndarray]:
+  """Runs the model over `records`; returns per-record maps [N, S, S] and scores [N] (record order)."""
+  from ssvp_jax.trainer import views  # the trainer owns the input description
+
+  categories = sorted({r.category for r in records})
+  templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.model.class_words,
+                             model.clip.config.text.context_length)
+  table = nnx.jit(lambda m, ids, eot: m.prompt_table((ids, eot)))(model, templates.ids, templates.eot)
+  cls = np.array([categories.index(r.category) for r in records], np.int32)
+  size = config.clip.image_size
+  n = len(records)
+  out = {"maps": np.zeros((n, size, size), np.float32), "masks": np.zeros((n, size, size), bool),
+         "s_global": np.zeros(n, np.float32), "s_local": np.zeros(n, np.float32),
+         "s_final": np.zeros(n, np.float32), "has_mask": np.zeros(n, bool)}
+  batches = iterate_batches(records, views(config), batch_size=config.eval.batch_size, pad_remainder=True,
+                            mask_size=size, num_threads=config.data.workers)
+  total = -(-n // config.eval.batch_size)
+  for batch in tqdm(batches, total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False):
+    idx = batch["index"]
+    t_init = table[cls[np.maximum(idx, 0)]]
+    amap, sg, sl, sf = eval_step(model, batch["clip"], batch["dino"], t_init, size, float(config.eval.sigma))
+    keep = batch["valid"]
+    i = idx[keep]
+    out["maps"][i] = np.asarray(amap)[keep]
+    out["masks"][i] = batch["mask"][keep] > 0.5
+    out["has_mask"][i] = batch["has_mask"][keep]
+    for k, v in (("s_global", sg), ("s_local", sl), ("s_final", sf)):
+      out[k][i] = np.asarray(v)[keep]
+  return out
+
+
+def evaluate_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, records, dataset: str,
+                     out_dir: str | None) -> dict[str, dict[str, float]]:
+  """Per-category metrics of one dataset; overlays under `out_dir/overlays/<dataset>/<category>/`."""
+  pred = predict_records(model, tokenizer, config, records, desc=dataset)
+  labels = np.array([r.label for r in records], np.int32)
+  results = {}
+  for cat in sorted({r.category for r in records}):
+    sel = np.array([r.category == cat for r in records])
+    scores = image_scores(pred["s_global"][sel], pred["s_local"][sel], pred["s_final"][sel],
+                          config.model.gamma, config.eval.score_norm)
+    img = metrics.image_metrics(labels[sel], scores)
+    # Anomalous images without a mask (datasets that ship none) cannot enter pixel metrics.
+    pix_sel = sel & pred["has_mask"]
+    pix = metrics.pixel_metrics(pred["masks"][pix_sel], pred["maps"][pix_sel])
+    results[cat] = report.category_entry(img, pix)
+    if out_dir and config.eval.overlays > 0:
+      _write_overlays(records, pred, np.flatnonzero(sel), labels, config,
+                      os.path.join(out_dir, "overlays", dataset, cat))
+  return results
+
+
+def _write_overlays(records, pred, indices, labels, config, out_dir) -> None:
+  # Anomalous images first, then normal ones, up to config.eval.overlays per category.
+  order = sorted(indices, key=lambda i: (-labels[i], i))[:config.eval.overlays]
+  os.makedirs(out_dir, exist_ok=True)
+  size = config.clip.image_size
+  for i in order:
+    rec = records[i]
+    image = resize_image(load_image(rec.image_path), size)
+    name = f"{rec.defect}_{os.path.splitext(os.path.basename(rec.image_path))[0]}.png"
+    report.save_overlay(os.path.join(out_dir, name), image, pred["maps"][i],
+                        mask=pred["masks"][i] if rec.label else None, vmin=0.0, vmax=1.0)
+
+
+def evaluate_datasets(config: ml_collections.ConfigDict, model: SSVP, tokenizer, workdir: str,
+                      out_name: str = "eval") -> dict[str, dict[str, dict[str, float]]]:
+  """Evaluates every `config.eval_data` entry; writes `workdir/<out_name>/results.*`; returns the results."""
+  from ssvp_jax.trainer import read_split
+
+  out_dir = os.path.join(workdir, out_name)
+  os.makedirs(out_dir, exist_ok=True)
+  results = {}
+  for key, ds in config.eval_data.items():
+    records = read_split(ds, workdir, f"eval_data.{key}")
+    log.info("evaluating %s: %d images of %d categories", key, len(records), len({r.category for r in records}))
+    results[key] = evaluate_records(model, tokenizer, config, records, key, out_dir)
+  report.write_reports(results, out_dir)
+  log.info("reports written to %s", out_dir)
+  return results
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a work directory was trained with (`workdir/config.json`, written by training)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} is missing: {workdir} is not a trained work directory "
+                            "(train with `python -m ssvp_jax.train --config=... --workdir=...`)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str):
+  """(model, tokenizer) with the heads of the latest checkpoint in `workdir`."""
+  from ssvp_jax import checkpoint, optim
+  from ssvp_jax.build import build_model
+  from ssvp_jax.models.ssvp import TRAINABLE
+
+  model, tokenizer = build_model(config)
+  # The checkpoint holds the optimiser state too; restoring it whole keeps one code path.
+  optimizer = optim.make_optimizer(model, config.optim, 1, TRAINABLE)
+  mgr = checkpoint.manager(workdir)
+  try:
+    meta = checkpoint.restore(mgr, model, optimizer, TRAINABLE)
+  finally:
+    mgr.close()
+  if meta is None:
+    raise FileNotFoundError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoint; train first with "
+                            f"`python -m ssvp_jax.train --config=... --workdir={workdir}`")
+  log.info("loaded the heads of step %s from %s", meta.get("step"), workdir)
+  return model, tokenizer
+
+
+def main(argv) -> None:
+  del argv
+  from ssvp_jax.cli import FLAGS, setup_logging
+  setup_logging()
+  # Without --config, evaluate with the config the work directory was trained with.
+  config = FLAGS.config if FLAGS.config is not None else load_config(FLAGS.workdir)
+  if FLAGS.untrained:  # the baseline: the same model before training (heads at initialisation)
+    from ssvp_jax.build import build_model
+    model, tokenizer = build_model(config)
+    results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir, out_name="eval_untrained")
+  else:
+    model, tokenizer = load_trained(config, FLAGS.workdir)
+    results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir)
+  print(report.format_markdown(results))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_bool("untrained", False, "Evaluate the freshly initialised heads (the before-training "
+                    "baseline) into workdir/eval_untrained instead of the trained checkpoint.")
+  app.run(main)

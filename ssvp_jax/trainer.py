@@ -1,0 +1,210 @@
+"""Training: `train_and_evaluate(config, workdir)`, the jitted step, logging and checkpoints.
+
+The CLI in `ssvp_jax/train.py` only parses flags and calls `train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ssvp_jax import checkpoint, evaluate, losses, optim
+from ssvp_jax.build import build_model
+from ssvp_jax.data import datasets, synth
+from ssvp_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, View
+from ssvp_jax.data.pipeline import iterate_batches
+from ssvp_jax.models.prompts import Templates, make_templates
+from ssvp_jax.models.ssvp import SSVP, TRAINABLE
+
+log = logging.getLogger("ssvp_jax")
+
+
+def views(config: ml_collections.ConfigDict) -> tuple[View, View]:
+  """The two inputs one image becomes: CLIP's (OpenAI mean/std) and DINOv3's (ImageNet mean/std)."""
+  return (View("clip", config.clip.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+          View("dino", config.dino.image_size, IMAGENET_MEAN, IMAGENET_STD))
+
+
+def prepare_demo_data(ds: ml_collections.ConfigDict, root: str) -> None:
+  """Writes a demo dataset with the generator into `root` if `ds.synth` asks for one and it is absent."""
+  synth_cfg = ds.get("synth")
+  if not synth_cfg or not synth_cfg.get("layout"):
+    return
+  if os.path.isdir(root) and os.listdir(root):
+    return
+  log.info("writing demo data (%s layout: %s) to %s", synth_cfg.layout, ", ".join(synth_cfg.categories), root)
+  synth.generate(synth_cfg.layout, root, synth_cfg.categories, size=synth_cfg.size,
+                 num_good=synth_cfg.num_good, num_anomalous=synth_cfg.num_anomalous, seed=synth_cfg.seed)
+
+
+def read_split(ds: ml_collections.ConfigDict, workdir: str, section: str):
+  """Records of a configured dataset; `section` names the config field in error messages."""
+  if not ds.root:
+    title = datasets.DATASETS[ds.name].title if ds.name in datasets.DATASETS else ds.name
+    raise ValueError(f"config.{section}.root is empty: pass --config.{section}.root=DIR (the extracted "
+                     f"{title} folder)")
+  root = ds.root.replace("{workdir}", workdir)
+  prepare_demo_data(ds, root)
+  return datasets.read_dataset(ds.name, root, ds.split, tuple(ds.categories) or None)
+
+
+def upsample_probs(prob: jax.Array, size: int) -> jax.Array:
+  """[B, h, w] probabilities -> [B, size, size], bilinear on the logits (the lineage upsamples
+  logits before the softmax, so a map never leaves [0, 1] and keeps its sharpness)."""
+  p = jnp.clip(prob, 1e-6, 1 - 1e-6)
+  logit = jnp.log(p) - jnp.log1p(-p)
+  return jax.nn.sigmoid(jax.image.resize(logit, (prob.shape[0], size, size), "bilinear"))
+
+
+def loss_fn(model: SSVP, batch: dict, templates: tuple[jax.Array, jax.Array], key: jax.Array,
+            loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, losses.LossTerms]:
+  """Eq. 22 on one batch; the VAE noise comes from `key` only."""
+  feats = model.features(batch["clip"], batch["dino"])
+  t_init = model.prompt_table(templates)[batch["class_index"]]  # [B, P, E]
+  out = model.heads(feats, t_init, rngs=nnx.Rngs(sample=key), deterministic=False)
+  size = batch["mask"].shape[-1]
+  probs = [upsample_probs(p, size) for p in out.scale_probs]
+  terms = losses.total_loss(probs, batch["mask"], out.s_final, batch["label"].astype(jnp.float32), out.l_vae,
+                            out.l_reg, lambda1=loss_cfg.lambda_vae, lambda2=loss_cfg.lambda_reg,
+                            focal_gamma=loss_cfg.focal_gamma, use_dice=loss_cfg.dice)
+  return terms.total, terms
+
+
+@nnx.jit(static_argnames=("loss_cfg",))
+def train_step(model: SSVP, optimizer: nnx.Optimizer, batch: dict, templates, key, loss_cfg):
+  """One optimiser step on the trainable parameters; the backbones get no gradient."""
+  grad_fn = nnx.grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE), has_aux=True)
+  grads, terms = grad_fn(model, batch, templates, key, loss_cfg)
+  optimizer.update(model, grads)
+  return terms
+
+
+def _versions() -> dict[str, str]:
+  import flax
+  import optax
+  import orbax.checkpoint
+  from ssvp_jax import __version__
+  return {"ssvp_jax": __version__, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+          "orbax-checkpoint": orbax.checkpoint.__version__, "numpy": np.__version__,
+          "python": platform.python_version(), "backend": jax.default_backend()}
+
+
+def _write_run_files(config: ml_collections.ConfigDict, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, "versions.json"), "w") as f:
+    json.dump(_versions(), f, indent=2)
+
+
+class _Logger:
+  """Scalars to TensorBoard event files and to `log.jsonl` (one JSON object per line)."""
+
+  def __init__(self, workdir: str):
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.jsonl = open(os.path.join(workdir, "log.jsonl"), "a")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+    self.jsonl.flush()
+
+  def close(self) -> None:
+    self.tb.close()
+    self.jsonl.close()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int | None = None
+          ) -> tuple[SSVP, Any, dict[str, Any]]:
+  """Trains the heads (resuming from the latest checkpoint in `workdir`); returns (model, tokenizer, summary).
+
+  `stop_after_step` ends the run early after that step's checkpoint (used to test resumption).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  _write_run_files(config, workdir)
+  model, tokenizer = build_model(config)
+
+  records = read_split(config.train_data, workdir, "train_data")
+  categories = sorted({r.category for r in records})
+  cat_index = {c: i for i, c in enumerate(categories)}
+  class_of_record = np.array([cat_index[r.category] for r in records], np.int32)
+  templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.model.class_words,
+                             model.clip.config.text.context_length)
+  tmpl = (jnp.asarray(templates.ids), jnp.asarray(templates.eot))
+
+  bs = config.optim.batch_size
+  steps_per_epoch = len(records) // bs
+  if steps_per_epoch == 0:
+    raise ValueError(f"{len(records)} training images are fewer than one batch of {bs}: lower "
+                     "--config.optim.batch_size")
+  total_steps = config.optim.epochs * steps_per_epoch
+  optimizer = optim.make_optimizer(model, config.optim, total_steps, TRAINABLE)
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, TRAINABLE)))
+  log.info("training %d images of %d categories (%s), %d steps of %d; %s trainable parameters",
+           len(records), len(categories), config.train_data.name, total_steps, bs, f"{n_train:,}")
+
+  mgr = checkpoint.manager(workdir, config.keep_checkpoints)
+  meta = checkpoint.restore(mgr, model, optimizer, TRAINABLE)
+  step = int(meta["step"]) if meta else 0
+  if meta:
+    log.info("resumed from the checkpoint of step %d in %s", step, workdir)
+  base_key = jax.random.key(config.seed)
+  loss_cfg = ml_collections.FrozenConfigDict(config.loss)  # hashable: a static argument of the step
+  logger = _Logger(workdir)
+  last_terms = None
+  try:
+    with tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True) as bar:
+      for epoch in range(step // steps_per_epoch, config.optim.epochs):
+        skip = step - epoch * steps_per_epoch  # batches of this epoch already trained before a resume
+        batches = iterate_batches(records, views(config), batch_size=bs, shuffle=True, seed=config.seed,
+                                  epoch=epoch, drop_remainder=True, num_threads=config.data.workers)
+        for i, batch in enumerate(batches):
+          if i < skip:
+            continue
+          batch = {k: v for k, v in batch.items() if k not in ("valid", "has_mask")}
+          batch["class_index"] = class_of_record[batch["index"]]
+          terms = train_step(model, optimizer, batch, tmpl, jax.random.fold_in(base_key, step), loss_cfg)
+          step += 1
+          total = float(terms.total)
+          if not math.isfinite(total):
+            raise FloatingPointError(f"loss is {total} at step {step} (epoch {epoch + 1}); terms: "
+                                     + ", ".join(f"{k}={float(v):.4g}" for k, v in terms._asdict().items()))
+          last_terms = {f"loss/{k}": float(v) for k, v in terms._asdict().items()}
+          bar.update(1)
+          bar.set_postfix(loss=f"{total:.4f}", epoch=epoch + 1)
+          if step % config.log_every_steps == 0 or step == total_steps:
+            logger.write(step, {**last_terms, "epoch": epoch + 1,
+                                "lr/prompt": float(optim.schedule(config.optim.lr_prompt, total_steps,
+                                                                  config.optim.warmup_frac)(step))})
+          if step % config.checkpoint_every_steps == 0 or step == total_steps:
+            checkpoint.save(mgr, step, model, optimizer, TRAINABLE, {"step": step, "epoch": epoch + 1})
+          if stop_after_step is not None and step >= stop_after_step:
+            return model, tokenizer, {"step": step, "stopped_early": True, **(last_terms or {})}
+  finally:
+    mgr.wait_until_finished()
+    mgr.close()
+    logger.close()
+  return model, tokenizer, {"step": step, "total_steps": total_steps, **(last_terms or {})}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains on `config.train_data`, then evaluates zero-shot on every `config.eval_data` entry.
+
+  Returns {"train": summary, "results": dataset -> category -> metric}.
+  """
+  model, tokenizer, summary = train(config, workdir)
+  results = evaluate.evaluate_datasets(config, model, tokenizer, workdir)
+  return {"train": summary, "results": results}

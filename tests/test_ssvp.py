@@ -1,0 +1,81 @@
+"""The assembled model: full-size construction without allocation, ablation switches, frozen split."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssvp_jax.models import clip as clip_lib
+from ssvp_jax.models import dinov3 as dinov3_lib
+from ssvp_jax.models.ssvp import FROZEN, SSVP, TRAINABLE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def count(module, filt):
+  return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(module, filt)))
+
+
+def abstract_model(clip_cfg, dino_cfg, layers=(6, 12, 18, 24), **model_overrides):
+  c = load_config("mvtec")
+  c.model.update(model_overrides)
+  return nnx.eval_shape(lambda: SSVP(
+      c.model, clip_lib.CLIP(clip_cfg, rngs=nnx.Rngs(0)), dinov3_lib.DINOv3(dino_cfg, rngs=nnx.Rngs(0)),
+      layers, layers, rngs=nnx.Rngs(0)))
+
+
+def test_full_size_construction_and_trainable_count():
+  model = abstract_model(clip_lib.vit_l14_336(), dinov3_lib.DINOv3Config.vitl16())
+  frozen, trainable = count(model, FROZEN), count(model, TRAINABLE)
+  assert frozen == 427_944_192 + 303_128_576  # CLIP ViT-L/14-336 + DINOv3 ViT-L/16
+  parts = sum(count(getattr(model, name), nnx.Param) for name in ("prompts", "hsvs", "vcpg", "vtam"))
+  assert trainable == parts
+  # Eq. 6 by hand: 5 shared background tokens + 6 prompts x 5 state tokens, 768-d text width.
+  assert count(model.prompts, nnx.Param) == (5 + 6 * 5) * 768
+  # The four taps get a 1024 -> 768 map each (D3), bias-free.
+  assert count(model.hsvs.clip_maps, nnx.Param) == 4 * 1024 * 768
+  print(f"full-size SSVP: {trainable:,} trainable, {frozen:,} frozen parameters")
+  assert trainable == 25_086_921
+
+
+@pytest.mark.parametrize("switch, part", [({"fusion": "concat"}, "hsvs"), ({"vcpg": False}, "vcpg"),
+                                          ({"gating": False}, "vtam")])
+def test_ablation_switches_shrink_their_part(switch, part):
+  # Small backbones: the switches act on the heads only.
+  clip_cfg = clip_lib.CLIPConfig(
+      vision=clip_lib.VisionConfig(image_size=28, patch_size=14, width=16, layers=2, heads=2, mlp_dim=16),
+      text=clip_lib.TextConfig(vocab_size=600, context_length=16, width=16, layers=1, heads=2, mlp_dim=16),
+      projection_dim=24)
+  dino_cfg = dinov3_lib.DINOv3Config(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=16)
+  base = abstract_model(clip_cfg, dino_cfg, (1, 2))
+  ablated = abstract_model(clip_cfg, dino_cfg, (1, 2), **switch)
+  assert count(getattr(ablated, part), nnx.Param) < count(getattr(base, part), nnx.Param)
+  others = {"hsvs", "vcpg", "vtam", "prompts"} - {part}
+  assert all(count(getattr(ablated, o), nnx.Param) == count(getattr(base, o), nnx.Param) for o in others)
+
+
+def test_features_are_frozen_and_grids_must_agree():
+  c = load_config("tiny")
+  from ssvp_jax.build import build_model
+  model, _ = build_model(c)
+  clip_x = jnp.ones((2, c.clip.image_size, c.clip.image_size, 3))
+  dino_x = jnp.ones((2, c.dino.image_size, c.dino.image_size, 3))
+  feats = model.features(clip_x, dino_x)
+  assert [f.shape for f in feats.clip_local] == [(2, 16, 36)] * 2
+  assert [f.shape for f in feats.dino_local] == [(2, 16, 32)] * 2
+  assert feats.clip_global.shape == (2, 20) and feats.dino_global.shape == (2, 32)
+  grads = nnx.grad(lambda m: sum(jnp.sum(f) for f in jax.tree.leaves(m.features(clip_x, dino_x))))(model)
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(nnx.state(grads, nnx.Param)))
+  with pytest.raises(ValueError, match="same grid"):
+    model.features(clip_x, jnp.ones((2, 20, 20, 3)))
