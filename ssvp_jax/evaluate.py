@@ -36,6 +36,11 @@ def eval_step(model: SSVP, clip_images, dino_images, t_init, size: int, sigma: f
   return maps_lib.postprocess(out.p_map, size, sigma), out.s_global, out.s_local, out.s_final
 
 
+@nnx.jit
+def _prompt_table(model: SSVP, ids, eot):
+  return model.prompt_table((ids, eot))
+
+
 def _minmax(x: np.ndarray) -> np.ndarray:
   span = x.max() - x.min()
   return (x - x.min()) / span if span > 0 else np.zeros_like(x)
@@ -59,7 +64,7 @@ def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, r
   categories = sorted({r.category for r in records})
   templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.model.class_words,
                              model.clip.config.text.context_length)
-  table = nnx.jit(lambda m, ids, eot: m.prompt_table((ids, eot)))(model, templates.ids, templates.eot)
+  table = _prompt_table(model, templates.ids, templates.eot)
   table = sharding.to_host(table)  # [C, P, E], small; indexed on the host below
   mesh = sharding.model_mesh(model)  # None: a model `sharding.shard_model` never placed
   cls = np.array([categories.index(r.category) for r in records], np.int32)
@@ -91,28 +96,31 @@ def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, r
 
 def evaluate_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, records, dataset: str,
                      out_dir: str | None) -> dict[str, dict[str, float]]:
-  """Per-category metrics of one dataset; overlays under `out_dir/overlays/<dataset>/<category>/`."""
-  pred = predict_records(model, tokenizer, config, records, desc=dataset)
-  labels = np.array([r.label for r in records], np.int32)
+  """Per-category metrics of one dataset; overlays under `out_dir/overlays/<dataset>/<category>/`.
+
+  One category at a time, so that only its maps are held in memory (a VisA category's test maps at
+  518 px are ~0.2 GB; the whole dataset's would be ~2.3 GB).
+  """
   results = {}
   for cat in sorted({r.category for r in records}):
-    sel = np.array([r.category == cat for r in records])
-    scores = image_scores(pred["s_global"][sel], pred["s_local"][sel], pred["s_final"][sel],
-                          config.model.gamma, config.eval.score_norm)
-    img = metrics.image_metrics(labels[sel], scores)
+    cat_records = [r for r in records if r.category == cat]
+    pred = predict_records(model, tokenizer, config, cat_records, desc=f"{dataset}/{cat}")
+    labels = np.array([r.label for r in cat_records], np.int32)
+    scores = image_scores(pred["s_global"], pred["s_local"], pred["s_final"], config.model.gamma,
+                          config.eval.score_norm)
+    img = metrics.image_metrics(labels, scores)
     # Anomalous images without a mask (datasets that ship none) cannot enter pixel metrics.
-    pix_sel = sel & pred["has_mask"]
-    pix = metrics.pixel_metrics(pred["masks"][pix_sel], pred["maps"][pix_sel])
+    has = pred["has_mask"]
+    pix = metrics.pixel_metrics(pred["masks"][has], pred["maps"][has])
     results[cat] = report.category_entry(img, pix)
     if out_dir and config.eval.overlays > 0:
-      _write_overlays(records, pred, np.flatnonzero(sel), labels, config,
-                      os.path.join(out_dir, "overlays", dataset, cat))
+      _write_overlays(cat_records, pred, labels, config, os.path.join(out_dir, "overlays", dataset, cat))
   return results
 
 
-def _write_overlays(records, pred, indices, labels, config, out_dir) -> None:
+def _write_overlays(records, pred, labels, config, out_dir) -> None:
   # Anomalous images first, then normal ones, up to config.eval.overlays per category.
-  order = sorted(indices, key=lambda i: (-labels[i], i))[:config.eval.overlays]
+  order = sorted(range(len(records)), key=lambda i: (-labels[i], i))[:config.eval.overlays]
   os.makedirs(out_dir, exist_ok=True)
   size = config.clip.image_size
   for i in order:
