@@ -20,6 +20,7 @@ RUNTIME = [
     "tqdm",
     "tensorboardX",
     "absl-py",
+    "flatbuffers",  # jax.export's serialisation format
 ]
 CONVERT = ["torch==2.13.0", "safetensors", "transformers>=4.56"]
 TEST = CONVERT + ["pytest", "pytest-xdist"]

@@ -1,0 +1,259 @@
+"""Scoring a user's image files: the one preprocessing + forward that predict, calibrate and export share.
+
+    engine = inference.load_engine("runs/demo", category="object")
+    for r in inference.score_files(engine, ["a.png", "b.jpg"]):
+      print(r.path, r.error or r.score)
+
+Each file is decoded exactly as the evaluation path decodes a dataset image (`pipeline.load_image`:
+any size, grayscale, RGBA, 16-bit, EXIF orientation), resized and normalised per backbone as
+`pipeline.load_example` does, and run through `evaluate.eval_step`, so a file scores the same here as
+in `evaluate.predict_records` when the category word is the same. A file that cannot be decoded gives
+a result with `error` set; the others go on.
+
+The image score is S_final (Eq. 19), computed for each image on its own (D15 "none"): a decision for
+one image cannot depend on the other images of a batch, so a config trained with the transductive
+"minmax" normalisation still scores images one by one here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from ssvp_jax import evaluate
+from ssvp_jax.data.common import DatasetError
+from ssvp_jax.data.pipeline import View, load_image, normalize, resize_image
+from ssvp_jax.models.prompts import class_words, make_templates
+from ssvp_jax.models.ssvp import SSVP
+
+log = logging.getLogger("ssvp_jax")
+
+DEFAULT_CATEGORY = "object"  # D4's class-agnostic word: a user's images have no benchmark category
+CALIBRATION_FILE = "calibration.json"
+OVERLAY_MAX_SIDE = 1024      # overlays of large photos are scaled down to this longer side
+
+
+@dataclasses.dataclass
+class Engine:
+  """A trained model ready to score images of one category word."""
+  model: SSVP
+  config: ml_collections.ConfigDict
+  category: str
+  t_init: jax.Array          # [P, E] T_init of the category (Eq. 6), computed once
+  views: tuple[View, View]   # CLIP's and DINOv3's input description
+  step: int | None           # checkpoint step the heads come from
+  tokenizer: object = None   # needed only by `with_category`
+
+  @property
+  def map_size(self) -> int:
+    """Side of the anomaly maps: the CLIP input size, as in evaluation."""
+    return int(self.config.clip.image_size)
+
+  @property
+  def sigma(self) -> float:
+    return float(self.config.eval.sigma)
+
+  def with_category(self, category: str) -> "Engine":
+    """The same model for another category word (only T_init changes)."""
+    t_init = category_table(self.model, self.tokenizer, self.config, category)
+    return dataclasses.replace(self, category=category, t_init=t_init)
+
+  def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float [H, W, 3] in [0, 1] -> (CLIP input [Sc, Sc, 3], DINOv3 input [Sd, Sd, 3]), normalised."""
+    return tuple(normalize(resize_image(image, v.size), v.mean, v.std) for v in self.views)
+
+  def forward(self, clip_images: np.ndarray, dino_images: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch through `evaluate.eval_step`: {"map": [B, S, S], "score", "s_global", "s_local": [B]}."""
+    b = clip_images.shape[0]
+    t_init = jnp.broadcast_to(self.t_init, (b,) + self.t_init.shape)  # [B, P, E]
+    amap, sg, sl, sf = evaluate.eval_step(self.model, clip_images, dino_images, t_init, self.map_size, self.sigma)
+    return {"map": np.asarray(amap), "score": np.asarray(sf), "s_global": np.asarray(sg),
+            "s_local": np.asarray(sl)}
+
+
+def checkpoint_step(workdir: str) -> int | None:
+  """The latest checkpoint step in `workdir` (None without checkpoints)."""
+  from ssvp_jax import checkpoint
+  mgr = checkpoint.manager(workdir)
+  try:
+    return mgr.latest_step()
+  finally:
+    mgr.close()
+
+
+def category_table(model: SSVP, tokenizer, config: ml_collections.ConfigDict, category: str) -> jax.Array:
+  """T_init [P, E] of one category through the frozen text tower (the words follow config.model.class_words)."""
+  templates = make_templates(tokenizer, [category], model.prompts.n_learnable, config.model.class_words,
+                             model.clip.config.text.context_length)
+  table = nnx.jit(lambda m, ids, eot: m.prompt_table((ids, eot)))(model, templates.ids, templates.eot)
+  return table[0]
+
+
+def load_engine(workdir: str, category: str = DEFAULT_CATEGORY,
+                config: ml_collections.ConfigDict | None = None) -> Engine:
+  """The trained model of `workdir` (its saved config unless `config` is given) for `category`."""
+  from ssvp_jax.trainer import views  # the trainer owns the input description
+  config = config if config is not None else evaluate.load_config(workdir)
+  model, tokenizer = evaluate.load_trained(config, workdir)
+  if config.eval.score_norm != "none":
+    log.warning("config.eval.score_norm=%r is transductive (per-class min-max over a test set); single images "
+                "are scored with S_final of Eq. 19 instead (D15 'none')", config.eval.score_norm)
+  log.info("category %r: prompts say %r", category, class_words(category, config.model.class_words))
+  return Engine(model, config, category, category_table(model, tokenizer, config, category), views(config),
+                checkpoint_step(workdir), tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files -> scores
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Scored:
+  """The result for one file: scores and map, or the reason it failed (`error`)."""
+  path: str
+  error: str | None = None
+  height: int = 0                    # the upright image's size in pixels
+  width: int = 0
+  score: float = math.nan            # S_final (Eq. 19)
+  s_global: float = math.nan
+  s_local: float = math.nan
+  map: np.ndarray | None = None      # [S, S] at the model's resolution (S = config.clip.image_size)
+  image: np.ndarray | None = None    # [h, w, 3] in [0, 1] at overlay size (only with keep_image)
+  seconds: float = 0.0               # decoding + this image's share of its batch's forward pass
+
+
+def overlay_shape(height: int, width: int, map_size: int) -> tuple[int, int]:
+  """(h, w) of an overlay: the image's aspect ratio, longer side clamped to [map_size, OVERLAY_MAX_SIDE]."""
+  longer = max(height, width)
+  target = min(max(longer, map_size), max(OVERLAY_MAX_SIDE, map_size))
+  scale = target / longer
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_hw(array: np.ndarray, height: int, width: int, resample: Image.Resampling) -> np.ndarray:
+  """float [H, W] or [H, W, C] -> [height, width(, C)] with PIL's float resampling, channel by channel."""
+  if array.shape[:2] == (height, width):
+    return array.astype(np.float32, copy=True)
+  if array.ndim == 2:
+    return np.asarray(Image.fromarray(np.ascontiguousarray(array, np.float32)).resize((width, height), resample))
+  return np.stack([resize_hw(array[:, :, c], height, width, resample) for c in range(array.shape[2])], axis=2)
+
+
+def _load(engine: Engine, path: str, keep_image: bool):
+  """Decodes and preprocesses one file (runs in a worker thread)."""
+  t0 = time.perf_counter()
+  try:
+    image = load_image(path)  # [H, W, 3]
+  except DatasetError as e:
+    return path, str(e), None, time.perf_counter() - t0
+  except (OSError, ValueError) as e:  # permissions, odd pixel layouts PIL decodes but cannot convert
+    return path, f"{path}: cannot read ({type(e).__name__}: {e})", None, time.perf_counter() - t0
+  h, w = image.shape[:2]
+  clip, dino = engine.preprocess(image)
+  small = None
+  if keep_image:
+    small = np.clip(resize_hw(image, *overlay_shape(h, w, engine.map_size), Image.Resampling.BICUBIC), 0, 1)
+  return path, None, (clip, dino, h, w, small), time.perf_counter() - t0
+
+
+def score_files(engine: Engine, paths: Sequence[str], batch_size: int = 8, workers: int = 4,
+                keep_image: bool = False) -> Iterator[Scored]:
+  """Scores `paths` in batches of `batch_size` (the last one padded, so one compiled shape serves all).
+
+  Yields one `Scored` per path, in order; decoding runs on `workers` threads, one batch ahead of
+  the model. Files that fail to decode come back with `error` set.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+
+    def submit(n: int) -> list[concurrent.futures.Future]:
+      return [pool.submit(_load, engine, p, keep_image) for p in chunks[n]] if n < len(chunks) else []
+
+    pending = submit(0)
+    for n in range(len(chunks)):
+      loaded = [f.result() for f in pending]
+      pending = submit(n + 1)  # the next batch decodes while this one runs
+      yield from _run_batch(engine, loaded, batch_size)
+
+
+def _run_batch(engine: Engine, loaded, batch_size: int) -> list[Scored]:
+  ok = [i for i, (_, err, _, _) in enumerate(loaded) if err is None]
+  out = [Scored(path, error=err, seconds=sec) for path, err, _, sec in loaded]
+  if not ok:
+    return out
+  sc, sd = (v.size for v in engine.views)
+  clip = np.zeros((batch_size, sc, sc, 3), np.float32)  # padding rows stay zero; their outputs are dropped
+  dino = np.zeros((batch_size, sd, sd, 3), np.float32)
+  for row, i in enumerate(ok):
+    clip[row], dino[row] = loaded[i][2][0], loaded[i][2][1]
+  t0 = time.perf_counter()
+  res = engine.forward(clip, dino)
+  share = (time.perf_counter() - t0) / len(ok)
+  for row, i in enumerate(ok):
+    _, _, h, w, small = loaded[i][2]
+    r = out[i]
+    r.height, r.width, r.image = h, w, small
+    r.score, r.s_global, r.s_local = (float(res[k][row]) for k in ("score", "s_global", "s_local"))
+    r.map = res["map"][row]
+    r.seconds += share
+  return out
+
+
+def max_location(amap: np.ndarray, height: int, width: int) -> tuple[int, int]:
+  """(x, y) pixel of the original image under the map's maximum ([S, S] map spans the whole image)."""
+  s_h, s_w = amap.shape
+  r, c = np.unravel_index(int(np.argmax(amap)), amap.shape)
+  return min(width - 1, int((c + 0.5) * width / s_w)), min(height - 1, int((r + 0.5) * height / s_h))
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared command-line pieces
+# ------------------------------------------------------------------------------------------------
+
+def define_flags() -> None:
+  """--category, --batch_size, --workers for the predict and calibrate entry points (call once, in main)."""
+  from absl import flags
+  flags.DEFINE_string("category", DEFAULT_CATEGORY, "Category word(s) for the prompts, e.g. 'bottle'. Default "
+                      "'object' (class-agnostic); passed through config.model.class_words like a dataset's "
+                      "category names.")
+  flags.DEFINE_integer("batch_size", None, "Images per forward pass (default: config.eval.batch_size).")
+  flags.DEFINE_integer("workers", 4, "Decoding threads.")
+
+
+def expand_images(patterns: Sequence[str]) -> list[str]:
+  """Files named by `patterns`: a file, a folder (its image files, recursively) or a glob (every match).
+
+  A glob keeps every file it matches, image or not, so that a file that cannot be decoded is reported
+  rather than silently passed over; a folder lists only files with an image extension.
+  """
+  import glob
+
+  from ssvp_jax.data.common import is_image
+  out: list[str] = []
+  for pattern in patterns:
+    if os.path.isdir(pattern):
+      for root, dirs, files in os.walk(pattern):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.join(root, f) for f in sorted(files) if is_image(f)]
+    elif os.path.isfile(pattern):
+      out.append(pattern)
+    else:
+      out += sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  unique: dict[str, None] = {}  # first occurrence wins, order kept
+  for p in out:
+    unique.setdefault(os.path.abspath(p), None)
+  return list(unique)
