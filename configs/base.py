@@ -79,6 +79,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_data = ml_collections.ConfigDict({"visa": dataset("visa")})
   c.data = ml_collections.ConfigDict(dict(workers=2))   # decoding threads
 
+  # --- Frozen-feature cache (ssvp_jax/cache.py): epoch 1 stores each training image's backbone
+  # features, later epochs read them and run only the heads. Off by default because full-size
+  # entries are large (~45 MB/image in float32, ~22 MB in 16 bits: 4 taps x 1369 x 1024 x 2).
+  # Entries are content-addressed, so `dir` may be shared between runs (e.g. ~/.cache/ssvp_jax).
+  c.cache = ml_collections.ConfigDict(dict(
+      enabled=False,
+      dir="{workdir}/feature_cache",   # "{workdir}" is replaced by the work directory
+      dtype="float32",           # "float32" (losses identical to no cache) | "float16" | "bfloat16"
+  ))
+
   # --- Evaluation (SPEC section 4).
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=8,
@@ -86,6 +96,19 @@ def get_config() -> ml_collections.ConfigDict:
       score_norm="none",         # D15: "none" | "minmax" (transductive, Bayes-PFL)
       overlays=8,                # overlay PNGs written per category
   ))
+
+  # --- Devices (ssvp_jax/sharding.py). A mesh of `data` x `model` devices (-1: all the devices the
+  # other axis leaves); batches are split over `data`. Parameters follow the logical axis rules
+  # of sharding.py (FSDP over `data`, tensor-parallel over `model`) when their switch is on, and
+  # are replicated otherwise. One device runs the same code with a 1 x 1 mesh.
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1, model=1,
+      shard_backbones=False,     # frozen CLIP/DINOv3 weights: True FSDP-style sharded, False replicated
+      shard_heads=False,         # trainable heads and their optimiser state: same choice
+  ))
+  # Compute dtype of backbones and heads: "float32" | "bfloat16" (parameters stay float32; losses,
+  # metrics and optimiser arithmetic run in float32).
+  c.dtype = "float32"
 
   # --- Logging and checkpoints.
   c.log_every_steps = 10

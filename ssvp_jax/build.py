@@ -9,6 +9,7 @@ and a byte-level tokenizer.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -51,26 +52,41 @@ def _preset(section: ml_collections.ConfigDict, which: int, name: str):
   return PRESETS[section.random_init][which]()
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  """`config.dtype` ("float32" or "bfloat16"; absent in older configs: float32) as a JAX dtype."""
+  name = config.get("dtype") or "float32"
+  if name not in DTYPES:
+    raise ValueError(f"config.dtype={name!r} is not one of {', '.join(DTYPES)}")
+  return DTYPES[name]
+
+
 def build_clip(config: ml_collections.ConfigDict):
-  """(CLIP module, tokenizer) from `config.clip`."""
+  """(CLIP module, tokenizer) from `config.clip`; computes in `config.dtype`, weights stay float32."""
   c = config.clip
+  dtype = compute_dtype(config)
   if c.bundle:
-    return (clip_lib.load(c.bundle, pos_interpolation=c.pos_interpolation), clip_lib.load_tokenizer(c.bundle))
+    return (clip_lib.load(c.bundle, pos_interpolation=c.pos_interpolation, dtype=dtype),
+            clip_lib.load_tokenizer(c.bundle))
   if c.random_init:
     cfg = _preset(c, 0, "clip").replace(pos_interpolation=c.pos_interpolation)
-    model = clip_lib.CLIP(cfg, rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(config.seed), 1)))
+    model = clip_lib.CLIP(cfg, dtype=dtype, rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(config.seed), 1)))
     return model, clip_lib.byte_level_tokenizer()
   raise ValueError("config.clip.bundle is empty: convert the CLIP weights with "
                    "`python convert/clip.py --src PATH --out DIR` first and pass --config.clip.bundle=DIR")
 
 
 def build_dino(config: ml_collections.ConfigDict) -> dinov3_lib.DINOv3:
-  """DINOv3 module from `config.dino`."""
+  """DINOv3 module from `config.dino`; computes in `config.dtype`, weights stay float32."""
   d = config.dino
+  dtype = compute_dtype(config)
   if d.bundle:
-    return dinov3_lib.load(d.bundle)
+    return dinov3_lib.load(d.bundle, dtype=dtype)
   if d.random_init:
-    return dinov3_lib.DINOv3(_preset(d, 1, "dino"), rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(config.seed), 2)))
+    return dinov3_lib.DINOv3(_preset(d, 1, "dino"), dtype=dtype,
+                             rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(config.seed), 2)))
   raise ValueError("config.dino.bundle is empty: convert the DINOv3 weights with "
                    "`python convert/dinov3.py --src PATH --out DIR` first and pass --config.dino.bundle=DIR")
 
@@ -87,6 +103,8 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[SSVP, object]:
     raise ValueError(f"config.clip.image_size={config.clip.image_size} (patch {clip.config.vision.patch_size}) and "
                      f"config.dino.image_size={config.dino.image_size} (patch {dino.cfg.patch_size}) give "
                      "different token grids; SSVP fuses the two grids token by token")
+  # float32 heads keep dtype None (compute in their inputs' dtype), as before config.dtype existed.
+  heads_dtype = None if compute_dtype(config) == jnp.float32 else compute_dtype(config)
   model = SSVP(config.model, clip, dino, config.clip.layers, config.dino.layers, config.clip.local_tokens,
-               rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), 3)))
+               dtype=heads_dtype, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), 3)))
   return model, tokenizer

@@ -21,7 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from ssvp_jax import maps as maps_lib
-from ssvp_jax import metrics, report
+from ssvp_jax import distributed, metrics, report, sharding
 from ssvp_jax.data.pipeline import iterate_batches, load_image, resize_image
 from ssvp_jax.models.prompts import make_templates
 from ssvp_jax.models.ssvp import SSVP
@@ -65,6 +65,8 @@ def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, r
   templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.model.class_words,
                              model.clip.config.text.context_length)
   table = _prompt_table(model, templates.ids, templates.eot)
+  table = sharding.to_host(table)  # [C, P, E], small; indexed on the host below
+  mesh = sharding.model_mesh(model)  # None: a model `sharding.shard_model` never placed
   cls = np.array([categories.index(r.category) for r in records], np.int32)
   size = config.clip.image_size
   n = len(records)
@@ -74,10 +76,14 @@ def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, r
   batches = iterate_batches(records, views(config), batch_size=config.eval.batch_size, pad_remainder=True,
                             mask_size=size, num_threads=config.data.workers)
   total = -(-n // config.eval.batch_size)
-  for batch in tqdm(batches, total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False):
+  for batch in tqdm(batches, total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False,
+                    disable=not distributed.is_main()):
     idx = batch["index"]
-    t_init = table[cls[np.maximum(idx, 0)]]
-    amap, sg, sl, sf = eval_step(model, batch["clip"], batch["dino"], t_init, size, float(config.eval.sigma))
+    inputs = (batch["clip"], batch["dino"], table[cls[np.maximum(idx, 0)]])
+    if mesh is not None:  # examples split over the mesh's data axis; every process holds the whole batch
+      inputs = sharding.shard_batch(inputs, mesh, what="--config.eval.batch_size")
+    amap, sg, sl, sf = eval_step(model, *inputs, size, float(config.eval.sigma))
+    amap, sg, sl, sf = (sharding.to_host(x) for x in (amap, sg, sl, sf))
     keep = batch["valid"]
     i = idx[keep]
     out["maps"][i] = np.asarray(amap)[keep]
@@ -131,14 +137,17 @@ def evaluate_datasets(config: ml_collections.ConfigDict, model: SSVP, tokenizer,
   from ssvp_jax.trainer import read_split
 
   out_dir = os.path.join(workdir, out_name)
-  os.makedirs(out_dir, exist_ok=True)
+  main = distributed.is_main()  # every process evaluates; process 0 writes
+  if main:
+    os.makedirs(out_dir, exist_ok=True)
   results = {}
   for key, ds in config.eval_data.items():
     records = read_split(ds, workdir, f"eval_data.{key}")
     log.info("evaluating %s: %d images of %d categories", key, len(records), len({r.category for r in records}))
-    results[key] = evaluate_records(model, tokenizer, config, records, key, out_dir)
-  report.write_reports(results, out_dir)
-  log.info("reports written to %s", out_dir)
+    results[key] = evaluate_records(model, tokenizer, config, records, key, out_dir if main else None)
+  if main:
+    report.write_reports(results, out_dir)
+    log.info("reports written to %s", out_dir)
   return results
 
 
@@ -159,6 +168,8 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str):
   from ssvp_jax.models.ssvp import TRAINABLE
 
   model, tokenizer = build_model(config)
+  if jax.device_count() > 1:  # place it as training did (one device: the same arrays either way)
+    sharding.shard_model(model, sharding.make_mesh(sharding.mesh_config(config)), sharding.mesh_config(config))
   # The checkpoint holds the optimiser state too; restoring it whole keeps one code path.
   optimizer = optim.make_optimizer(model, config.optim, 1, TRAINABLE)
   mgr = checkpoint.manager(workdir)

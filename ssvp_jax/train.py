@@ -6,14 +6,22 @@
         --config.train_data.root=/data/mvtec --config.eval_data[0].root=/data/visa
 
 Re-running the same command after an interruption resumes from the latest checkpoint.
+
+Several processes (hosts) train one model together when given --coordinator_address,
+--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID,
+or a SLURM/MPI launcher); see ssvp_jax/distributed.py.
 """
 
 from __future__ import annotations
 
-from absl import app
+from absl import app, flags
 
-from ssvp_jax import report, trainer
+from ssvp_jax import distributed, report, trainer
 from ssvp_jax.cli import FLAGS, setup_logging
+
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 in a multi-process run.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index (0 .. num_processes - 1).")
 
 
 def main(argv) -> None:
@@ -22,8 +30,10 @@ def main(argv) -> None:
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   setup_logging()
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   out = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  print(report.format_markdown(out["results"]))
+  if distributed.is_main():
+    print(report.format_markdown(out["results"]))
 
 
 if __name__ == "__main__":

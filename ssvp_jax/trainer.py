@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ssvp_jax import checkpoint, evaluate, losses, optim
+from ssvp_jax import cache, checkpoint, distributed, evaluate, losses, optim, sharding
 from ssvp_jax.build import build_model
 from ssvp_jax.data import datasets, synth
 from ssvp_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, View
@@ -56,7 +56,9 @@ def read_split(ds: ml_collections.ConfigDict, workdir: str, section: str):
     raise ValueError(f"config.{section}.root is empty: pass --config.{section}.root=DIR (the extracted "
                      f"{title} folder)")
   root = ds.root.replace("{workdir}", workdir)
-  prepare_demo_data(ds, root)
+  if distributed.is_main():  # one writer; the other processes wait for its files
+    prepare_demo_data(ds, root)
+  distributed.barrier("demo data")
   return datasets.read_dataset(ds.name, root, ds.split, tuple(ds.categories) or None)
 
 
@@ -71,10 +73,13 @@ def upsample_probs(prob: jax.Array, size: int) -> jax.Array:
 def loss_fn(model: SSVP, batch: dict, templates: tuple[jax.Array, jax.Array], key: jax.Array,
             loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, losses.LossTerms]:
   """Eq. 22 on one batch; the VAE noise comes from `key` only."""
-  feats = model.features(batch["clip"], batch["dino"])
+  # With the feature cache on, the batch brings the frozen features (ssvp_jax/cache.py).
+  feats = batch["features"] if "features" in batch else model.features(batch["clip"], batch["dino"])
   t_init = model.prompt_table(templates)[batch["class_index"]]  # [B, P, E]
   out = model.heads(feats, t_init, rngs=nnx.Rngs(sample=key), deterministic=False)
   size = batch["mask"].shape[-1]
+  # Losses in float32 whatever the compute dtype (config.dtype): bf16 logs lose too much near 0 and 1.
+  out = jax.tree.map(lambda x: x.astype(jnp.float32), out)
   probs = [upsample_probs(p, size) for p in out.scale_probs]
   terms = losses.total_loss(probs, batch["mask"], out.s_final, batch["label"].astype(jnp.float32), out.l_vae,
                             out.l_reg, lambda1=loss_cfg.lambda_vae, lambda2=loss_cfg.lambda_reg,
@@ -88,6 +93,7 @@ def train_step(model: SSVP, optimizer: nnx.Optimizer, batch: dict, templates, ke
   grad_fn = nnx.grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE), has_aux=True)
   grads, terms = grad_fn(model, batch, templates, key, loss_cfg)
   optimizer.update(model, grads)
+  sharding.constrain(model, optimizer)  # updated state keeps the shardings of the rules
   return terms
 
 
@@ -134,8 +140,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
   `stop_after_step` ends the run early after that step's checkpoint (used to test resumption).
   """
   os.makedirs(workdir, exist_ok=True)
-  _write_run_files(config, workdir)
+  main = distributed.is_main()  # only process 0 writes files, logs and the progress bar
+  if main:
+    _write_run_files(config, workdir)
+  mesh = sharding.make_mesh(sharding.mesh_config(config))
   model, tokenizer = build_model(config)
+  sharding.shard_model(model, mesh, sharding.mesh_config(config))
 
   records = read_split(config.train_data, workdir, "train_data")
   categories = sorted({r.category for r in records})
@@ -151,7 +161,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
     raise ValueError(f"{len(records)} training images are fewer than one batch of {bs}: lower "
                      "--config.optim.batch_size")
   total_steps = config.optim.epochs * steps_per_epoch
-  optimizer = optim.make_optimizer(model, config.optim, total_steps, TRAINABLE)
+  if bs % mesh.shape["data"] or bs % jax.process_count():
+    raise ValueError(f"--config.optim.batch_size={bs} does not split over the mesh's {mesh.shape['data']} data "
+                     f"devices and {jax.process_count()} processes: use a multiple of both")
+  optimizer = sharding.place(optim.make_optimizer(model, config.optim, total_steps, TRAINABLE), mesh)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, TRAINABLE)))
   log.info("training %d images of %d categories (%s), %d steps of %d; %s trainable parameters",
            len(records), len(categories), config.train_data.name, total_steps, bs, f"{n_train:,}")
@@ -163,19 +176,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
     log.info("resumed from the checkpoint of step %d in %s", step, workdir)
   base_key = jax.random.key(config.seed)
   loss_cfg = ml_collections.FrozenConfigDict(config.loss)  # hashable: a static argument of the step
-  logger = _Logger(workdir)
+  feature_cache = cache.from_config(config, workdir, model, views(config))  # None when disabled
+  logger = _Logger(workdir) if main else None
   last_terms = None
   try:
-    with tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+              disable=not main) as bar:
       for epoch in range(step // steps_per_epoch, config.optim.epochs):
         skip = step - epoch * steps_per_epoch  # batches of this epoch already trained before a resume
-        batches = iterate_batches(records, views(config), batch_size=bs, shuffle=True, seed=config.seed,
-                                  epoch=epoch, drop_remainder=True, num_threads=config.data.workers)
+        if feature_cache is not None:  # same order; decodes and runs the backbones only for missing entries
+          batches = feature_cache.batches(model, records, views(config), batch_size=bs, seed=config.seed,
+                                          epoch=epoch, skip=skip, num_threads=config.data.workers)
+        else:
+          # This process's rows of each global batch (all of them in a one-process run).
+          batches = distributed.train_batches(records, views(config), batch_size=bs, seed=config.seed, epoch=epoch,
+                                              num_threads=config.data.workers)
         for i, batch in enumerate(batches):
           if i < skip:
             continue
           batch = {k: v for k, v in batch.items() if k not in ("valid", "has_mask")}
           batch["class_index"] = class_of_record[batch["index"]]
+          batch = sharding.shard_batch(batch, mesh, process_local=True)  # examples split over `data`
           terms = train_step(model, optimizer, batch, tmpl, jax.random.fold_in(base_key, step), loss_cfg)
           step += 1
           total = float(terms.total)
@@ -185,7 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
           last_terms = {f"loss/{k}": float(v) for k, v in terms._asdict().items()}
           bar.update(1)
           bar.set_postfix(loss=f"{total:.4f}", epoch=epoch + 1)
-          if step % config.log_every_steps == 0 or step == total_steps:
+          if logger is not None and (step % config.log_every_steps == 0 or step == total_steps):
             logger.write(step, {**last_terms, "epoch": epoch + 1,
                                 "lr/prompt": float(optim.schedule(config.optim.lr_prompt, total_steps,
                                                                   config.optim.warmup_frac)(step))})
@@ -196,7 +217,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
   finally:
     mgr.wait_until_finished()
     mgr.close()
-    logger.close()
+    if logger is not None:
+      logger.close()
   return model, tokenizer, {"step": step, "total_steps": total_steps, **(last_terms or {})}
 
 

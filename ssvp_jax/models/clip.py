@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ssvp_jax.models import bundle
+from ssvp_jax.models import attention, bundle
 from ssvp_jax.models.resize import METHODS, resize_pos_table
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -143,11 +143,11 @@ class Attention(nnx.Module):
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)  # [B, T, H, Dh]
     merge = lambda t: t.reshape(*t.shape[:-2], -1)
     q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
-    out = self.out(merge(jax.nn.dot_product_attention(q, k, v, is_causal=causal)))
+    out = self.out(merge(attention.dot_product_attention(q, k, v, is_causal=causal)))
     if not value_value:
       return out, None
     # AnomalyCLIP's v-v attention: q = k = v = the value projection, same scale 1/sqrt(Dh).
-    return out, self.out(merge(jax.nn.dot_product_attention(v, v, v)))
+    return out, self.out(merge(attention.dot_product_attention(v, v, v)))
 
 
 class Block(nnx.Module):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ssvp_jax.models import bundle
+from ssvp_jax.models import attention, bundle
 
 Array = jax.Array
 _ACTIVATIONS = ("gelu", "silu")
@@ -144,7 +144,9 @@ def apply_rope(x: Array, sin: Array, cos: Array, num_prefix: int) -> Array:
   """Rotates the patch tokens of x [B, T, H, Dh]; the first `num_prefix` tokens are left as they are."""
   prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
   sin, cos = sin[:, None, :], cos[:, None, :]  # [N, 1, Dh]: same for every head
-  patches = patches * cos + _rotate_half(patches) * sin
+  # In float32 whatever x's dtype (the tables stay float32): a bfloat16 rotation would round
+  # the angle's sin/cos to 8 bits. Elementwise, so the cost is small.
+  patches = (patches * cos + _rotate_half(patches) * sin).astype(x.dtype)
   return jnp.concatenate([prefix, patches], axis=1)
 
 
@@ -176,7 +178,8 @@ class Attention(nnx.Module):
     heads = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # [B, T, H, Dh]
     q = apply_rope(heads(self.q(x)), sin, cos, self.num_prefix)
     k = apply_rope(heads(self.k(x)), sin, cos, self.num_prefix)
-    out = jax.nn.dot_product_attention(q, k, heads(self.v(x)))  # [B, T, H, Dh], scale 1/sqrt(Dh)
+    # jax.nn.dot_product_attention, or its faster CPU form (attention.py); scale 1/sqrt(Dh)
+    out = attention.dot_product_attention(q, k, heads(self.v(x)))  # [B, T, H, Dh]
     return self.o(out.reshape(b, t, -1))
 
 
@@ -269,7 +272,7 @@ class DINOv3(nnx.Module):
       raise ValueError(f"layers {bad} out of range: this model has blocks 1..{n} (0 = embeddings)")
     p = self.cfg.patch_size
     sin, cos = rope_tables(images.shape[1] // p, images.shape[2] // p, self.cfg.head_dim, self.cfg.rope_theta)
-    sin, cos = jnp.asarray(sin, self.dtype), jnp.asarray(cos, self.dtype)
+    sin, cos = jnp.asarray(sin), jnp.asarray(cos)  # float32 (see apply_rope)
     x = self.embed(images)
     states = {0: x}
     for i, block in enumerate(self.layers):

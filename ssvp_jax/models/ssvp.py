@@ -59,7 +59,8 @@ class SSVP(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, clip: clip_lib.CLIP, dino: dinov3_lib.DINOv3,
                clip_layers: Sequence[int], dino_layers: Sequence[int], local_tokens: str = "raw", *,
-               rngs: nnx.Rngs):
+               dtype=None, rngs: nnx.Rngs):
+    """dtype: compute dtype of the heads (None: float32 as their inputs); parameters stay float32."""
     if len(clip_layers) != len(dino_layers):
       raise ValueError(f"clip.layers {tuple(clip_layers)} and dino.layers {tuple(dino_layers)} must "
                        "tap the same number of scales")
@@ -75,13 +76,14 @@ class SSVP(nnx.Module):
     self.hsvs = HSVS(len(self.clip_layers), clip_dim=dim, dino_dim=dino_dim,
                      clip_in_dim=clip.config.vision.width if local_tokens == "raw" else None,
                      num_heads=cfg.atf_heads, head_dim=cfg.atf_head_dim, fusion=cfg.fusion,
-                     share_scales=cfg.atf_shared, rngs=rngs)
+                     share_scales=cfg.atf_shared, dtype=dtype, rngs=rngs)
     self.vcpg = VCPG(dim, latent_dim=cfg.latent_dim, latent_tokens=cfg.latent_tokens, beta=cfg.beta,
                      kl_reduction=cfg.kl_reduction, xi=cfg.xi,
-                     use_ln=cfg.prompt_ln, enabled=cfg.vcpg, rngs=rngs)
+                     use_ln=cfg.prompt_ln, enabled=cfg.vcpg, dtype=dtype, rngs=rngs)
     self.vtam = VTAM(dim, len(self.clip_layers), num_normal=cfg.n_prompts, tau=cfg.tau, learn_tau=cfg.learn_tau,
                      gating=cfg.gating, s_global={"prob": "softmax", "cosine": "cosine"}[cfg.s_global],
-                     top_k=cfg.s_local_topk if cfg.s_local == "topk" else None, gamma=cfg.gamma, rngs=rngs)
+                     top_k=cfg.s_local_topk if cfg.s_local == "topk" else None, gamma=cfg.gamma, dtype=dtype,
+                     rngs=rngs)
 
   # ---------------------------------------------------------------- frozen part (SPEC section 1)
 

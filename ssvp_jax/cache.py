@@ -1,0 +1,341 @@
+"""Frozen-feature cache: each training image's tapped backbone features, computed once, read after.
+
+The backbones are frozen and training applies no augmentation, so an image's `SSVP.features` are
+the same in every epoch. With `config.cache.enabled` the first epoch decodes the images, runs the
+backbones (jitted `model.features`) and writes one entry per image; later epochs read the entries
+and run only the heads; the images are not even decoded again.
+
+Layout (content-addressed, safe to share between runs and machines):
+
+    DIR/<fingerprint>/info.json                         what the fingerprint covers (for humans)
+    DIR/<fingerprint>/<ab>/<image digest>-<mask digest>.safetensors
+
+* `fingerprint` hashes everything the features depend on besides the image: the vision-backbone
+  variables themselves (not file names), their architecture configs, the tapped layers, the
+  local-token mode (D3), the views (resolution, mean/std), the mask size, the `clip`/`dino`
+  config sections (minus the bundle path), the compute dtype (`config.dtype`) and the storage
+  dtype. Changing any of them starts a
+  new folder; old folders can simply be deleted.
+* the entry name hashes the image file's bytes (and the mask file's bytes): an edited image is a
+  different entry, a renamed or copied one the same.
+
+An entry is one safetensors file (a format made for arrays: a JSON header, raw little-endian
+buffers, no pickle, readable by memory map) holding `clip_local.<l>` [N, C], `clip_global` [E],
+`dino_local.<l>` [N, D], `dino_global` [D] and `mask` [S, S] uint8. One file per image makes
+writes independent and atomic (temporary file + `os.replace`), so concurrent writers of the same
+entry never leave a torn file. bfloat16 travels as raw uint16 bits (safetensors' NumPy reader
+has no bfloat16) with the dtype named in the header's metadata.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import json
+import os
+import uuid
+from typing import Iterator, Sequence
+
+import grain
+import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from ssvp_jax.data.pipeline import View, epoch_seed, load_example
+from ssvp_jax.data.records import Record
+from ssvp_jax.models.ssvp import SSVP, Features
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+          "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_CHUNK = 1 << 20
+
+
+class CacheError(ValueError):
+  """A cache entry cannot be read: names the file and the problem."""
+
+
+# ------------------------------------------------------------------------------------ hashing
+
+
+def _hash_file(path: str) -> str:
+  h = hashlib.blake2b(digest_size=16)
+  try:
+    with open(path, "rb") as f:
+      while chunk := f.read(_CHUNK):
+        h.update(chunk)
+  except OSError as e:
+    raise CacheError(f"{path}: cannot read for the feature-cache key ({e})") from e
+  return h.hexdigest()
+
+
+def params_digest(module: nnx.Module) -> str:
+  """blake2b of every variable of `module` (path, dtype, shape, bytes), in path order.
+
+  Hashes the values, not a file name: a re-converted or re-initialised backbone is a new key.
+  About 1 GB/s on one core, i.e. a few seconds for a ViT-L pair, paid once per run.
+  """
+  h = hashlib.blake2b(digest_size=16)
+  flat = sorted(nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.RngState))), key=lambda kv: str(kv[0]))
+  for path, var in flat:
+    a = np.ascontiguousarray(jax.device_get(var[...]))
+    h.update(f"{'.'.join(map(str, path))}|{a.dtype.str}|{a.shape}|".encode())
+    h.update(memoryview(a.reshape(-1).view(np.uint8)))
+  return h.hexdigest()
+
+
+def _config_section(section: ml_collections.ConfigDict) -> dict:
+  d = section.to_dict()
+  d.pop("bundle", None)  # the weights are hashed by value; the folder may move
+  return d
+
+
+def key_description(model: SSVP, config: ml_collections.ConfigDict, views: Sequence[View], mask_size: int,
+                    dtype: str) -> dict:
+  """Everything besides the image that an entry depends on (hashed into the fingerprint)."""
+  return {
+      "format_version": FORMAT_VERSION,
+      "clip_vision_params": params_digest(model.clip.vision),
+      "dino_params": params_digest(model.dino),
+      "clip_arch": repr(model.clip.config),
+      "dino_arch": repr(model.dino.cfg),
+      "clip_layers": list(model.clip_layers),
+      "dino_layers": list(model.dino_layers),
+      "local_tokens": model.local_tokens,
+      "views": [[v.name, v.size, list(v.mean), list(v.std)] for v in views],
+      "mask_size": mask_size,
+      "compute_dtype": str(config.get("dtype") or "float32"),  # bf16 backbones give other features
+      "clip_config": _config_section(config.clip),
+      "dino_config": _config_section(config.dino),
+      "dtype": dtype,
+  }
+
+
+def fingerprint(description: dict) -> str:
+  """Short hex digest of a `key_description`."""
+  blob = json.dumps(description, sort_keys=True, default=str).encode()
+  return hashlib.blake2b(blob, digest_size=12).hexdigest()
+
+
+# ------------------------------------------------------------------------------------ entries
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  """Write-then-rename: readers see the old file or the whole new one, never a part."""
+  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _to_storage(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  with np.errstate(over="ignore"):  # float16 overflow is detected and reported by the callers
+    a = np.ascontiguousarray(np.asarray(a).astype(dtype))
+  return a.view(np.uint16) if dtype == DTYPES["bfloat16"] else a
+
+
+def _one(feats: Features, b: int) -> dict[str, np.ndarray]:
+  """Image `b` of a batch of features as flat named arrays."""
+  out = {f"clip_local.{l}": t[b] for l, t in enumerate(feats.clip_local)}
+  out.update({f"dino_local.{l}": t[b] for l, t in enumerate(feats.dino_local)})
+  out.update(clip_global=feats.clip_global[b], dino_global=feats.dino_global[b])
+  return out
+
+
+def _stack(entries: Sequence[dict[str, np.ndarray]], num_taps: int) -> Features:
+  def s(name):
+    return np.stack([e[name] for e in entries])
+  return Features(clip_local=tuple(s(f"clip_local.{l}") for l in range(num_taps)), clip_global=s("clip_global"),
+                  dino_local=tuple(s(f"dino_local.{l}") for l in range(num_taps)), dino_global=s("dino_global"))
+
+
+def round_trip(feats: Features, dtype: str) -> Features:
+  """The float32 features a reader gets back after storage in `dtype` (identity for float32)."""
+  dt = DTYPES[dtype]
+  with np.errstate(over="ignore"):  # checked just below, with a message that says what to do
+    out = jax.tree.map(lambda a: np.asarray(a).astype(dt).astype(np.float32), feats)
+  finite = lambda tree: all(np.isfinite(a).all() for a in jax.tree.leaves(tree))  # noqa: E731
+  if dtype == "float16" and finite(feats) and not finite(out):
+    # Raised here, before training on inf, not later from the background write.
+    raise CacheError("backbone features overflow float16 (max 65504): use --config.cache.dtype=bfloat16 "
+                     "(or float32)")
+  return out
+
+
+@nnx.jit
+def extract_features(model: SSVP, clip_images: jax.Array, dino_images: jax.Array) -> Features:
+  """The frozen part, jitted on its own: [B, Hc, Wc, 3], [B, Hd, Wd, 3] -> Features of B images."""
+  return model.features(clip_images, dino_images)
+
+
+class FeatureCache:
+  """One fingerprint's folder of entries; also serves training batches from it (`batches`)."""
+
+  def __init__(self, root: str, description: dict, num_taps: int):
+    dtype = description["dtype"]
+    if dtype not in DTYPES:
+      raise ValueError(f"config.cache.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    self.dtype = DTYPES[dtype]
+    self.dtype_name = dtype
+    self.num_taps = num_taps
+    self.mask_size = description["mask_size"]
+    self.fingerprint = fingerprint(description)
+    self.directory = os.path.join(root, self.fingerprint)
+    os.makedirs(self.directory, exist_ok=True)
+    info = os.path.join(self.directory, "info.json")
+    if not os.path.exists(info):
+      _atomic_write(info, json.dumps(description, indent=2, sort_keys=True, default=str).encode())
+    self._digests: dict[str, tuple[int, int, str]] = {}  # path -> (mtime_ns, size, digest)
+
+  # ---------------------------------------------------------------- keys and single entries
+
+  def _digest(self, path: str) -> str:
+    """Content digest of a file, memoised by (mtime, size) so later epochs do not re-read it."""
+    try:
+      st = os.stat(path)
+    except OSError as e:
+      raise CacheError(f"{path}: cannot read for the feature-cache key ({e})") from e
+    memo = self._digests.get(path)
+    if memo and memo[:2] == (st.st_mtime_ns, st.st_size):
+      return memo[2]
+    digest = _hash_file(path)
+    self._digests[path] = (st.st_mtime_ns, st.st_size, digest)
+    return digest
+
+  def entry_path(self, record: Record) -> str:
+    """Where `record`'s entry lives: image bytes + mask bytes under this fingerprint."""
+    image = self._digest(record.image_path)
+    mask = self._digest(record.mask_path) if record.mask_path else "nomask"
+    return os.path.join(self.directory, image[:2], f"{image}-{mask[:16]}.safetensors")
+
+  def store(self, record: Record, arrays: dict[str, np.ndarray], mask: np.ndarray) -> str:
+    """Writes one image's features (flat names, see `_one`) and its [S, S] mask; returns the path."""
+    path = self.entry_path(record)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tensors = {k: _to_storage(v, self.dtype) for k, v in arrays.items()}
+    if self.dtype == DTYPES["float16"]:
+      bad = [k for k, v in tensors.items() if not np.isfinite(v).all()]
+      if bad:  # float16 ends at 65504; a residual stream with outliers overflows, bfloat16 does not
+        raise CacheError(f"{path}: features {bad} of {record.image_path} overflow float16: use "
+                         "--config.cache.dtype=bfloat16 (or float32)")
+    tensors["mask"] = np.ascontiguousarray(np.asarray(mask) > 0.5, dtype=np.uint8)
+    meta = {"format_version": str(FORMAT_VERSION), "dtype": self.dtype_name, "image": record.image_path}
+    _atomic_write(path, st_save(tensors, metadata=meta))
+    return path
+
+  def load(self, record: Record) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+    """(float32 features by flat name, float32 [S, S] mask) of `record`, or None when not cached."""
+    path = self.entry_path(record)
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except FileNotFoundError:
+      return None
+    try:
+      tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error types for a bad header
+      raise CacheError(f"{path}: unreadable feature-cache entry ({type(e).__name__}: {e}); delete it and "
+                       "rerun to recompute") from e
+    expected = ({f"clip_local.{l}" for l in range(self.num_taps)} | {f"dino_local.{l}" for l in range(self.num_taps)}
+                | {"clip_global", "dino_global", "mask"})
+    if set(tensors) != expected:
+      raise CacheError(f"{path}: feature-cache entry holds {sorted(tensors)}, expected {sorted(expected)}")
+    mask = tensors.pop("mask").astype(np.float32)
+    if mask.shape != (self.mask_size, self.mask_size):
+      raise CacheError(f"{path}: cached mask is {mask.shape}, expected {(self.mask_size, self.mask_size)}")
+    if self.dtype == DTYPES["bfloat16"]:
+      tensors = {k: v.view(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    return {k: v.astype(np.float32) for k, v in tensors.items()}, mask
+
+  # ---------------------------------------------------------------- training batches
+
+  def batches(self, model: SSVP, records: Sequence[Record], views: Sequence[View], *, batch_size: int,
+              seed: int, epoch: int, skip: int = 0, num_threads: int = 2, lookahead: int = 2
+              ) -> Iterator[dict | None]:
+    """One training epoch as batches {"features": Features, "mask", "label", "index"} (NumPy).
+
+    Same order and composition as `pipeline.iterate_batches(..., shuffle=True, drop_remainder=True)`
+    with the same (seed, epoch), so losses match the uncached loop. A batch whose entries all
+    exist is read from disk; otherwise its images are decoded, `extract_features` runs and the
+    entries are written (in the background; the generator waits for the writes before it ends).
+    The first `skip` batches (already trained before a resume) are yielded as None, uncomputed.
+    """
+    n = len(records)
+    order = grain.MapDataset.range(n).shuffle(seed=epoch_seed(seed, epoch))
+    idx = np.array([order[i] for i in range(n)], np.int64)
+    groups = [idx[j * batch_size:(j + 1) * batch_size] for j in range(n // batch_size)]
+
+    def fetch(i: int):
+      got = self.load(records[i])
+      return got if got is not None else load_example(records[i], views, self.mask_size, index=i)
+
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
+    writes: list[concurrent.futures.Future] = []
+    pending: collections.deque = collections.deque()
+
+    def submit(j: int):
+      pending.append([pool.submit(fetch, int(i)) for i in groups[j]])
+
+    try:
+      for j in range(skip, min(skip + lookahead, len(groups))):
+        submit(j)
+      for j in range(len(groups)):
+        if j < skip:
+          yield None
+          continue
+        items = [f.result() for f in pending.popleft()]
+        if j + lookahead < len(groups):
+          submit(j + lookahead)
+        group = groups[j]
+        if all(isinstance(it, tuple) for it in items):
+          feats = _stack([it[0] for it in items], self.num_taps)
+          mask = np.stack([it[1] for it in items])
+        else:
+          # Some entry is missing: decode the whole batch (hits too: rare) and recompute it, so
+          # the backbones always see full batches of one shape (one compilation).
+          exs = [it if isinstance(it, dict) else load_example(records[i], views, self.mask_size, index=int(i))
+                 for it, i in zip(items, group)]
+          clip_images = np.stack([e["clip"] for e in exs])  # [B, Hc, Wc, 3]
+          dino_images = np.stack([e["dino"] for e in exs])  # [B, Hd, Wd, 3]
+          feats = jax.tree.map(np.asarray, extract_features(model, clip_images, dino_images))
+          mask = np.stack([e["mask"] for e in exs])
+          for b, i in enumerate(group):
+            writes.append(pool.submit(self.store, records[i], _one(feats, b), mask[b]))
+          # Train on what later epochs will read back, so every epoch sees the same numbers.
+          feats = round_trip(feats, self.dtype_name)
+        yield {"features": feats, "mask": mask.astype(np.float32),
+               "label": np.array([records[i].label for i in group], np.int32),
+               "index": group.astype(np.int32)}
+    finally:
+      for f in writes:
+        f.result()  # surface write errors; the next epoch needs the entries
+      pool.shutdown(wait=True, cancel_futures=True)
+
+
+def from_config(config: ml_collections.ConfigDict, workdir: str, model: SSVP,
+                views: Sequence[View]) -> FeatureCache | None:
+  """The run's FeatureCache, or None when `config.cache.enabled` is off (or the section is absent).
+
+  `config.cache.dir` may contain "{workdir}"; the mask size is the first view's (as in training).
+  """
+  section = config.get("cache")
+  if section is None or not section.enabled:
+    return None
+  if jax.process_count() > 1:
+    # Each process would need its own rows of every global batch and a sharded feature pass;
+    # not implemented yet, and silently training on wrong rows would be worse than stopping.
+    raise ValueError(f"config.cache.enabled=True is supported in one process only, this run has "
+                     f"{jax.process_count()}: pass --config.cache.enabled=False")
+  root = section.dir.replace("{workdir}", workdir)
+  mask_size = views[0].size
+  description = key_description(model, config, views, mask_size, section.dtype)
+  return FeatureCache(root, description, len(model.clip_layers))
