@@ -79,6 +79,7 @@ def build(config):
   from flax import nnx
 
   from ssvp_jax import build as build_lib
+  from ssvp_jax.models import bundle
   from ssvp_jax.models import clip as clip_lib
   from ssvp_jax.models import dinov3 as dinov3_lib
   from ssvp_jax.models.ssvp import SSVP
@@ -86,7 +87,7 @@ def build(config):
     return build_lib.build_model(config)
   dtype = build_lib.compute_dtype(config)
   clip = clip_lib.empty(clip_lib.vit_l14_336().replace(pos_interpolation=config.clip.pos_interpolation), dtype=dtype)
-  dino = dinov3_lib._zeros(dinov3_lib.DINOv3Config.vitl16(), dtype, jax.numpy.float32)
+  dino = bundle.zeros_module(lambda: dinov3_lib.DINOv3(dinov3_lib.DINOv3Config.vitl16(), dtype=dtype, rngs=nnx.Rngs(0)))
   _random_params(clip, 1)
   _random_params(dino, 2)
   heads_dtype = None if dtype == jax.numpy.float32 else dtype

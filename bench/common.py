@@ -154,6 +154,7 @@ def torch_model(spec: Spec, seed: int = 0, attn: str = "sdpa"):
 def flax_model(spec: Spec, hf_model, state, dtype=None):
   """Our module with the same weights, converted by the converters' pure functions."""
   import jax.numpy as jnp
+  from flax import nnx
   from convert import clip as convert_clip
   from convert import dinov3 as convert_dinov3
   from ssvp_jax.models import bundle, clip, dinov3
@@ -165,7 +166,7 @@ def flax_model(spec: Spec, hf_model, state, dtype=None):
     bundle.assign_params(model, convert_clip.hf_to_flax(state, cfg), source="random transformers CLIP")
   else:
     cfg = convert_dinov3.hf_config(hf_model.config.to_dict())
-    model = dinov3._zeros(cfg, dtype, jnp.float32)
+    model = bundle.zeros_module(lambda: dinov3.DINOv3(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     bundle.assign_params(model, convert_dinov3.hf_to_flax(state, cfg), source="random transformers DINOv3")
   return model
 
@@ -255,7 +256,6 @@ def median(xs: Sequence[float]) -> float:
 def matmul_peak(n: int = 4096, reps: int = 5, dtype: str = "float32") -> float:
   """Measured FLOP/s of a jitted n x n x n matmul (the best of `reps`)."""
   import jax
-  import jax.numpy as jnp
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (n, n), dtype)
   b = jax.random.normal(k2, (n, n), dtype)

@@ -343,8 +343,7 @@ def check_against_model(config: clip.CLIPConfig, flat, source: str) -> int:
   """Checks every key and shape against the NNX module (no allocation); returns the count."""
   from flax import nnx
 
-  abstract = nnx.eval_shape(lambda: clip.CLIP(config, rngs=nnx.Rngs(0)))
-  expected = {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+  expected = bundle.param_shapes(nnx.eval_shape(lambda: clip.CLIP(config, rngs=nnx.Rngs(0))))
   bundle.check_keys(expected, {k: tuple(np.shape(v)) for k, v in flat.items()}, source)
   return int(sum(np.prod(s) for s in expected.values()))
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx

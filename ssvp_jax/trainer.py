@@ -24,8 +24,7 @@ from ssvp_jax import cache, checkpoint, distributed, evaluate, losses, optim, sh
 from ssvp_jax.build import build_model
 from ssvp_jax.data import datasets, synth
 from ssvp_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, View
-from ssvp_jax.data.pipeline import iterate_batches
-from ssvp_jax.models.prompts import Templates, make_templates
+from ssvp_jax.models.prompts import make_templates
 from ssvp_jax.models.ssvp import SSVP, TRAINABLE
 
 log = logging.getLogger("ssvp_jax")

@@ -7,7 +7,6 @@ first worker trains under a file lock in the run's shared temporary folder, the 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,15 +15,9 @@ import sys
 import filelock
 import numpy as np
 import pytest
+from test_train import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny_config_for_tests", os.path.join(REPO, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _shared_root(tmp_path_factory) -> str:

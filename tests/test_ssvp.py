@@ -1,8 +1,5 @@
 """The assembled model: full-size construction without allocation, ablation switches, frozen split."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,16 +9,7 @@ from flax import nnx
 from ssvp_jax.models import clip as clip_lib
 from ssvp_jax.models import dinov3 as dinov3_lib
 from ssvp_jax.models.ssvp import FROZEN, SSVP, TRAINABLE
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
+from test_train import load_config
 
 def count(module, filt):
   return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(module, filt)))

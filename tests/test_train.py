@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -16,15 +15,20 @@ from ssvp_jax.models.ssvp import FROZEN, TRAINABLE
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
+def load_config(name, **overrides):
+  """`configs/<name>.py`'s get_config() with {"section.field": value} overrides (the tests' one loader)."""
+  spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(ROOT, "configs", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
   for key, value in overrides.items():
-    section, name = key.split(".")
-    c[section][name] = value
+    section, field = key.split(".")
+    c[section][field] = value
   return c
+
+
+def tiny_config(**overrides):
+  return load_config("tiny", **overrides)
 
 
 def flat(model, filt):

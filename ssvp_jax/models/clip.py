@@ -342,9 +342,7 @@ def load(bundle_dir: str, *, pos_interpolation: str | None = None, dtype=jnp.flo
 def empty(config: CLIPConfig, *, dtype=jnp.float32, param_dtype=jnp.float32) -> CLIP:
   """A CLIP whose parameters are zeros, built without running the random initialisers
   (slow to compile, and pointless for ViT-L's 428M weights about to be overwritten)."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(
-      lambda: CLIP(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))))
-  return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract))
+  return bundle.zeros_module(lambda: CLIP(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
 
 
 def load_tokenizer(bundle_dir: str):

@@ -289,26 +289,12 @@ class DINOv3(nnx.Module):
 
 def param_count(cfg: DINOv3Config) -> int:
   """Number of parameters of the module for `cfg`, without allocating them."""
-  abstract = nnx.eval_shape(lambda: DINOv3(cfg, rngs=nnx.Rngs(0)))
-  return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+  return sum(int(np.prod(s)) for s in param_shapes(cfg).values())
 
 
 def param_shapes(cfg: DINOv3Config) -> dict[str, tuple[int, ...]]:
   """{flat parameter name: shape} of the module for `cfg` (the bundle's keys), without allocating."""
-  abstract = nnx.eval_shape(lambda: DINOv3(cfg, rngs=nnx.Rngs(0)))
-  return {".".join(str(k) for k in path): tuple(v.shape)
-          for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
-
-
-def _zeros(cfg: DINOv3Config, dtype, param_dtype) -> DINOv3:
-  """The module with zero parameters, built without running the random initialisers.
-
-  (Initialising ViT-L's 303M parameters randomly only to overwrite them takes
-  tens of seconds on a CPU; allocating zeros takes a fraction of that.)
-  """
-  abstract = nnx.eval_shape(lambda: DINOv3(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
+  return bundle.param_shapes(nnx.eval_shape(lambda: DINOv3(cfg, rngs=nnx.Rngs(0))))
 
 
 def load(bundle_dir: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> DINOv3:
@@ -318,6 +304,6 @@ def load(bundle_dir: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> DINO
   """
   cfg_dict, flat = bundle.read_bundle(bundle_dir, "dinov3")
   cfg = DINOv3Config.from_dict(cfg_dict)
-  model = _zeros(cfg, dtype, param_dtype)
+  model = bundle.zeros_module(lambda: DINOv3(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   bundle.assign_params(model, flat, source=bundle_dir)
   return model
