@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ssvp_jax import cache, optim, trainer  # noqa: E402
+from ssvp_jax import cache, functional, optim, trainer  # noqa: E402
 from ssvp_jax.build import build_model  # noqa: E402
 from ssvp_jax.data.pipeline import iterate_batches  # noqa: E402
 from ssvp_jax.models.prompts import make_templates  # noqa: E402
@@ -76,18 +76,18 @@ def step_throughput(config: ml_collections.ConfigDict, workdir: str, steps: int)
   cat = {c: i for i, c in enumerate(categories)}
   base = {"mask": batch["mask"], "label": batch["label"],
           "class_index": np.array([cat[records[i].category] for i in batch["index"]], np.int32)}
-  feats = jax.tree.map(np.asarray, cache.extract_features(model, batch["clip"], batch["dino"]))
+  feats = jax.tree.map(np.asarray, functional.Bound(cache.extract_features, model)(batch["clip"], batch["dino"]))
   variants = {"no cache": {**base, "clip": batch["clip"], "dino": batch["dino"]},
               "cache": {**base, "features": feats}}
   loss_cfg = ml_collections.FrozenConfigDict(config.loss)
   out = {}
   for name, b in variants.items():
-    opt = optim.make_optimizer(model, config.optim, 1000, TRAINABLE)
+    step = trainer.TrainStep(model, optim.make_optimizer(model, config.optim, 1000, TRAINABLE))
     key = jax.random.key(0)
-    jax.block_until_ready(trainer.train_step(model, opt, b, tmpl, key, loss_cfg))  # compile
+    jax.block_until_ready(step(b, tmpl, key, loss_cfg))  # compile
     start = time.perf_counter()
     for s in range(steps):
-      terms = trainer.train_step(model, opt, b, tmpl, jax.random.fold_in(key, s), loss_cfg)
+      terms = step(b, tmpl, jax.random.fold_in(key, s), loss_cfg)
     jax.block_until_ready(terms)
     out[name] = steps * bs / (time.perf_counter() - start)
   return out

@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import uuid
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grain
 import jax
@@ -171,9 +171,9 @@ def round_trip(feats: Features, dtype: str) -> Features:
   return out
 
 
-@nnx.jit
 def extract_features(model: SSVP, clip_images: jax.Array, dino_images: jax.Array) -> Features:
-  """The frozen part, jitted on its own: [B, Hc, Wc, 3], [B, Hd, Wd, 3] -> Features of B images."""
+  """The frozen part: [B, Hc, Wc, 3], [B, Hd, Wd, 3] -> Features of B images. Jit it with the model
+  bound, `functional.Bound(extract_features, model)`, as the trainer does."""
   return model.features(clip_images, dino_images)
 
 
@@ -258,14 +258,15 @@ class FeatureCache:
 
   # ---------------------------------------------------------------- training batches
 
-  def batches(self, model: SSVP, records: Sequence[Record], views: Sequence[View], *, batch_size: int,
-              seed: int, epoch: int, skip: int = 0, num_threads: int = 2, lookahead: int = 2
+  def batches(self, features: Callable[[np.ndarray, np.ndarray], Features], records: Sequence[Record],
+              views: Sequence[View], *, batch_size: int, seed: int, epoch: int, skip: int = 0, num_threads: int = 2, lookahead: int = 2
               ) -> Iterator[dict | None]:
     """One training epoch as batches {"features": Features, "mask", "label", "index"} (NumPy).
 
     Same order and composition as `pipeline.iterate_batches(..., shuffle=True, drop_remainder=True)`
     with the same (seed, epoch), so losses match the uncached loop. A batch whose entries all
-    exist is read from disk; otherwise its images are decoded, `extract_features` runs and the
+    exist is read from disk; otherwise its images are decoded, `features` (the jitted
+    `extract_features` of the model, e.g. `functional.Bound(extract_features, model)`) runs and the
     entries are written (in the background; the generator waits for the writes before it ends).
     The first `skip` batches (already trained before a resume) are yielded as None, uncomputed.
     """
@@ -306,7 +307,7 @@ class FeatureCache:
                  for it, i in zip(items, group)]
           clip_images = np.stack([e["clip"] for e in exs])  # [B, Hc, Wc, 3]
           dino_images = np.stack([e["dino"] for e in exs])  # [B, Hd, Wd, 3]
-          feats = jax.tree.map(np.asarray, extract_features(model, clip_images, dino_images))
+          feats = jax.tree.map(np.asarray, features(clip_images, dino_images))
           mask = np.stack([e["mask"] for e in exs])
           for b, i in enumerate(group):
             writes.append(pool.submit(self.store, records[i], _one(feats, b), mask[b]))

@@ -15,11 +15,10 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from ssvp_jax import maps as maps_lib
-from ssvp_jax import distributed, metrics, report, sharding
+from ssvp_jax import distributed, functional, metrics, report, sharding
 from ssvp_jax.data.pipeline import iterate_batches, load_image, resize_image
 from ssvp_jax.models.prompts import make_templates
 from ssvp_jax.models.ssvp import SSVP
@@ -27,15 +26,17 @@ from ssvp_jax.models.ssvp import SSVP
 log = logging.getLogger("ssvp_jax")
 
 
-@nnx.jit(static_argnames=("size", "sigma"))
 def eval_step(model: SSVP, clip_images, dino_images, t_init, size: int, sigma: float):
-  """Deterministic (z = mu) maps at the input resolution and the three image scores."""
+  """Deterministic (z = mu) maps at the input resolution and the three image scores.
+
+  Jit it with the model bound: `functional.Bound(eval_step, model)(ci, di, t_init, size=, sigma=)`.
+  """
   out = model.heads(model.features(clip_images, dino_images), t_init, deterministic=True)
   return maps_lib.postprocess(out.p_map, size, sigma), out.s_global, out.s_local, out.s_final
 
 
-@nnx.jit
-def _prompt_table(model: SSVP, ids, eot):
+def prompt_table(model: SSVP, ids, eot):
+  """T_init [C, P, E] of the classes in (ids, eot); jit it as `functional.Bound(prompt_table, model)`."""
   return model.prompt_table((ids, eot))
 
 
@@ -62,7 +63,7 @@ def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, r
   categories = sorted({r.category for r in records})
   templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.model.class_words,
                              model.clip.config.text.context_length)
-  table = _prompt_table(model, templates.ids, templates.eot)
+  table = functional.Bound(prompt_table, model)(templates.ids, templates.eot)
   table = sharding.to_host(table)  # [C, P, E], small; indexed on the host below
   mesh = sharding.model_mesh(model)  # None: a model `sharding.shard_model` never placed
   cls = np.array([categories.index(r.category) for r in records], np.int32)
@@ -71,6 +72,7 @@ def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, r
   out = {"maps": np.zeros((n, size, size), np.float32), "masks": np.zeros((n, size, size), bool),
          "s_global": np.zeros(n, np.float32), "s_local": np.zeros(n, np.float32),
          "s_final": np.zeros(n, np.float32), "has_mask": np.zeros(n, bool)}
+  step = functional.Bound(eval_step, model)
   batches = iterate_batches(records, views(config), batch_size=config.eval.batch_size, pad_remainder=True,
                             mask_size=size, num_threads=config.data.workers)
   total = -(-n // config.eval.batch_size)
@@ -80,7 +82,7 @@ def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, r
     inputs = (batch["clip"], batch["dino"], table[cls[np.maximum(idx, 0)]])
     if mesh is not None:  # examples split over the mesh's data axis; every process holds the whole batch
       inputs = sharding.shard_batch(inputs, mesh, what="--config.eval.batch_size")
-    amap, sg, sl, sf = eval_step(model, *inputs, size, float(config.eval.sigma))
+    amap, sg, sl, sf = step(*inputs, size=size, sigma=float(config.eval.sigma))
     amap, sg, sl, sf = (sharding.to_host(x) for x in (amap, sg, sl, sf))
     keep = batch["valid"]
     i = idx[keep]

@@ -29,10 +29,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from PIL import Image
 
-from ssvp_jax import evaluate
+from ssvp_jax import evaluate, functional
 from ssvp_jax.data.common import DatasetError
 from ssvp_jax.data.pipeline import View, load_image, normalize, resize_image
 from ssvp_jax.models.prompts import class_words, make_templates
@@ -56,6 +55,9 @@ class Engine:
   step: int | None           # checkpoint step the heads come from
   tokenizer: object = None   # needed only by `with_category`
 
+  def __post_init__(self):
+    self._eval_step = functional.Bound(evaluate.eval_step, self.model)  # the model split once
+
   @property
   def map_size(self) -> int:
     """Side of the anomaly maps: the CLIP input size, as in evaluation."""
@@ -78,7 +80,7 @@ class Engine:
     """A batch through `evaluate.eval_step`: {"map": [B, S, S], "score", "s_global", "s_local": [B]}."""
     b = clip_images.shape[0]
     t_init = jnp.broadcast_to(self.t_init, (b,) + self.t_init.shape)  # [B, P, E]
-    amap, sg, sl, sf = evaluate.eval_step(self.model, clip_images, dino_images, t_init, self.map_size, self.sigma)
+    amap, sg, sl, sf = self._eval_step(clip_images, dino_images, t_init, size=self.map_size, sigma=self.sigma)
     return {"map": np.asarray(amap), "score": np.asarray(sf), "s_global": np.asarray(sg),
             "s_local": np.asarray(sl)}
 
@@ -97,7 +99,7 @@ def category_table(model: SSVP, tokenizer, config: ml_collections.ConfigDict, ca
   """T_init [P, E] of one category through the frozen text tower (the words follow config.model.class_words)."""
   templates = make_templates(tokenizer, [category], model.prompts.n_learnable, config.model.class_words,
                              model.clip.config.text.context_length)
-  table = nnx.jit(lambda m, ids, eot: m.prompt_table((ids, eot)))(model, templates.ids, templates.eot)
+  table = functional.Bound(evaluate.prompt_table, model)(templates.ids, templates.eot)
   return table[0]
 
 

@@ -5,6 +5,7 @@ The CLI in `ssvp_jax/train.py` only parses flags and calls `train_and_evaluate`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -20,12 +21,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ssvp_jax import cache, checkpoint, distributed, evaluate, losses, optim, sharding
+from ssvp_jax import cache, checkpoint, distributed, evaluate, functional, losses, optim, sharding
 from ssvp_jax.build import build_model
 from ssvp_jax.data import datasets, synth
 from ssvp_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, View
 from ssvp_jax.models.prompts import make_templates
-from ssvp_jax.models.ssvp import SSVP, TRAINABLE
+from ssvp_jax.models.ssvp import FROZEN, SSVP, TRAINABLE
 
 log = logging.getLogger("ssvp_jax")
 
@@ -86,14 +87,42 @@ def loss_fn(model: SSVP, batch: dict, templates: tuple[jax.Array, jax.Array], ke
   return terms.total, terms
 
 
-@nnx.jit(static_argnames=("loss_cfg",))
-def train_step(model: SSVP, optimizer: nnx.Optimizer, batch: dict, templates, key, loss_cfg):
-  """One optimiser step on the trainable parameters; the backbones get no gradient."""
+def _step(model: SSVP, optimizer: nnx.Optimizer, batch: dict, templates, key, loss_cfg) -> losses.LossTerms:
+  """One optimiser step on the trainable parameters, in place; the backbones get no gradient."""
   grad_fn = nnx.grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE), has_aux=True)
   grads, terms = grad_fn(model, batch, templates, key, loss_cfg)
   optimizer.update(model, grads)
   sharding.constrain(model, optimizer)  # updated state keeps the shardings of the rules
   return terms
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _train_step(graphdef, frozen, state, batch, templates, key, loss_cfg):
+  model, optimizer = nnx.merge(graphdef, frozen, state)
+  terms = _step(model, optimizer, batch, templates, key, loss_cfg)
+  return nnx.split((model, optimizer), FROZEN, ...)[2], terms
+
+
+class TrainStep:
+  """The jitted training step over the state of (model, optimizer), split once (ssvp_jax/functional.py).
+
+  The frozen backbones are split off at construction and passed to every step unchanged; the
+  trainable parameters and the optimiser state go in and come back updated. `model` and
+  `optimizer` themselves are NOT updated by a step: `sync()` writes the current state into
+  them, and must run before anything reads them (checkpoints, evaluation, returning them).
+  """
+
+  def __init__(self, model: SSVP, optimizer: nnx.Optimizer):
+    self.model, self.optimizer = model, optimizer
+    self.graphdef, self.frozen, self.state = nnx.split((model, optimizer), FROZEN, ...)
+
+  def __call__(self, batch: dict, templates, key: jax.Array, loss_cfg) -> losses.LossTerms:
+    """Eq. 22 on `batch`, one optimiser update; `loss_cfg` a FrozenConfigDict (static)."""
+    self.state, terms = _train_step(self.graphdef, self.frozen, self.state, batch, templates, key, loss_cfg)
+    return terms
+
+  def sync(self) -> None:
+    nnx.update((self.model, self.optimizer), self.state)
 
 
 def _versions() -> dict[str, str]:
@@ -176,6 +205,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
   base_key = jax.random.key(config.seed)
   loss_cfg = ml_collections.FrozenConfigDict(config.loss)  # hashable: a static argument of the step
   feature_cache = cache.from_config(config, workdir, model, views(config))  # None when disabled
+  train_step = TrainStep(model, optimizer)
+  features = functional.Bound(cache.extract_features, model) if feature_cache is not None else None
   logger = _Logger(workdir) if main else None
   last_terms = None
   try:
@@ -184,7 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
       for epoch in range(step // steps_per_epoch, config.optim.epochs):
         skip = step - epoch * steps_per_epoch  # batches of this epoch already trained before a resume
         if feature_cache is not None:  # same order; decodes and runs the backbones only for missing entries
-          batches = feature_cache.batches(model, records, views(config), batch_size=bs, seed=config.seed,
+          batches = feature_cache.batches(features, records, views(config), batch_size=bs, seed=config.seed,
                                           epoch=epoch, skip=skip, num_threads=config.data.workers)
         else:
           # This process's rows of each global batch (all of them in a one-process run).
@@ -196,7 +227,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
           batch = {k: v for k, v in batch.items() if k not in ("valid", "has_mask")}
           batch["class_index"] = class_of_record[batch["index"]]
           batch = sharding.shard_batch(batch, mesh, process_local=True)  # examples split over `data`
-          terms = train_step(model, optimizer, batch, tmpl, jax.random.fold_in(base_key, step), loss_cfg)
+          terms = train_step(batch, tmpl, jax.random.fold_in(base_key, step), loss_cfg)
           step += 1
           total = float(terms.total)
           if not math.isfinite(total):
@@ -210,14 +241,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
                                 "lr/prompt": float(optim.schedule(config.optim.lr_prompt, total_steps,
                                                                   config.optim.warmup_frac)(step))})
           if step % config.checkpoint_every_steps == 0 or step == total_steps:
+            train_step.sync()
             checkpoint.save(mgr, step, model, optimizer, TRAINABLE, {"step": step, "epoch": epoch + 1})
           if stop_after_step is not None and step >= stop_after_step:
+            train_step.sync()
             return model, tokenizer, {"step": step, "stopped_early": True, **(last_terms or {})}
   finally:
     mgr.wait_until_finished()
     mgr.close()
     if logger is not None:
       logger.close()
+  train_step.sync()
   return model, tokenizer, {"step": step, "total_steps": total_steps, **(last_terms or {})}
 
 

@@ -148,7 +148,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
 
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   from test_train import tiny_config
-  from ssvp_jax import optim, trainer
+  from ssvp_jax import cache, functional, optim, trainer
   from ssvp_jax.build import build_model
   from ssvp_jax.models.ssvp import TRAINABLE
 
@@ -162,13 +162,15 @@ def test_bfloat16_compute_keeps_float32_parameters():
            "dino": rng.normal(size=(b, 16, 16, 3)).astype(np.float32),
            "mask": (rng.random((b, 28, 28)) > 0.8).astype(np.float32), "label": np.array([0, 1, 0, 1], np.int32),
            "class_index": np.zeros(b, np.int32)}
-  feats = nnx.jit(lambda m, x, y: m.features(x, y))(model, batch["clip"], batch["dino"])
+  feats = functional.Bound(cache.extract_features, model)(batch["clip"], batch["dino"])
   assert feats.clip_local[0].dtype == jnp.bfloat16 and feats.dino_global.dtype == jnp.bfloat16
   templates = trainer.make_templates(tok, ["brick"], model.prompts.n_learnable, "readable",
                                      model.clip.config.text.context_length)
   tmpl = (jnp.asarray(templates.ids), jnp.asarray(templates.eot))
   opt = optim.make_optimizer(model, c.optim, 10, TRAINABLE)
-  terms = trainer.train_step(model, opt, batch, tmpl, jax.random.key(0), ml_collections.FrozenConfigDict(c.loss))
+  step = trainer.TrainStep(model, opt)
+  terms = step(batch, tmpl, jax.random.key(0), ml_collections.FrozenConfigDict(c.loss))
+  step.sync()
   assert terms.total.dtype == jnp.float32 and np.isfinite(float(terms.total))
   assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
   with pytest.raises(ValueError, match="config.dtype='float16'"):
