@@ -27,8 +27,10 @@ def _tiny_clip() -> clip_lib.CLIPConfig:
 
 
 def _demo_clip() -> clip_lib.CLIPConfig:
+  """ViT-B/16's vision shape (the smallest standard one) with a small text tower: as in the real
+  model, the frozen backbones cost far more than the trainable heads, so the feature cache pays."""
   return clip_lib.CLIPConfig(
-      vision=clip_lib.VisionConfig(image_size=112, patch_size=8, width=96, layers=4, heads=4, mlp_dim=256),
+      vision=clip_lib.VisionConfig(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072),
       text=clip_lib.TextConfig(vocab_size=clip_lib.BYTE_VOCAB_SIZE, context_length=32, width=64, layers=2,
                                heads=4, mlp_dim=160),
       projection_dim=64)
@@ -39,9 +41,9 @@ PRESETS = {
     "tiny": (_tiny_clip, lambda: dinov3_lib.DINOv3Config(hidden_size=32, num_layers=2, num_heads=2,
                                                           intermediate_size=44, patch_size=4,
                                                           num_register_tokens=1)),
-    "demo": (_demo_clip, lambda: dinov3_lib.DINOv3Config(hidden_size=96, num_layers=4, num_heads=4,
-                                                          intermediate_size=256, patch_size=8,
-                                                          num_register_tokens=2)),
+    "demo": (_demo_clip, lambda: dinov3_lib.DINOv3Config(hidden_size=768, num_layers=12, num_heads=12,
+                                                          intermediate_size=3072, patch_size=16,
+                                                          num_register_tokens=4)),
 }
 
 

@@ -1,6 +1,6 @@
 """A portable, self-contained inference artifact: the whole model as one `jax.export` function.
 
-    python -m ssvp_jax.export --workdir=runs/demo --out=runs/demo/model.jaxexport [--size=112]
+    python -m ssvp_jax.export --workdir=runs/demo --out=runs/demo/model.jaxexport [--size=224]
     python -m ssvp_jax.jaxexport_runner runs/demo/model.jaxexport photo.jpg     # needs only jax + numpy
 
 The exported function takes RGB images `float32 [b, S, S, 3]` with values in [0, 1] (b symbolic: any
