@@ -12,6 +12,9 @@ repetition so a busy neighbour slows both; the median is reported with the load 
 Our forward is one `jax.jit` per input shape with the tapped layers static; transformers runs
 its default attention ("sdpa") with all hidden states. A ratio > 1 means ours is faster.
 Set XLA_FLAGS in the environment to compare XLA CPU options.
+
+The "MLP GEMM" column times one float32 matmul of the model's MLP shape ([tokens, width] x
+[width, mlp]) in both frameworks (best of 10, alternating): the ceiling of each forward.
 """
 
 from __future__ import annotations
@@ -73,15 +76,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     row = dict(model=spec.name, tokens=spec.tokens, gflop=gflop, torch_ips=args.batch / t_torch,
                jax_ips=args.batch / t_jax, ratio=t_torch / t_jax, torch_gflops=gflop / t_torch,
                jax_gflops=gflop / t_jax, load=os.getloadavg()[0], times=times)
+    if args.dtype == "float32":
+      g = common.gemm_rates(spec.tokens * args.batch, spec.width, spec.mlp)
+      row.update(gemm_jax=g["jax"] / 1e9, gemm_torch=g["torch"] / 1e9)
     rows.append(row)
     print(f"# {spec.name}: torch {['%.3f' % t for t in times['torch']]} s, "
           f"jax {['%.3f' % t for t in times['jax']]} s, {common.load_avg()}", flush=True)
     del hf, ours, f_jax, f_torch
   common.print_table(
       ["model", "tokens", "GFLOP/batch", "PyTorch img/s", "ours img/s", "ours / PyTorch",
-       "PyTorch GFLOP/s", "ours GFLOP/s", "load (1 min)"],
+       "PyTorch GFLOP/s", "ours GFLOP/s", "MLP GEMM PyTorch / XLA GFLOP/s", "load (1 min)"],
       [[r["model"], r["tokens"], f"{r['gflop']:.1f}", f"{r['torch_ips']:.3f}", f"{r['jax_ips']:.3f}",
-        f"{r['ratio']:.2f}x", f"{r['torch_gflops']:.0f}", f"{r['jax_gflops']:.0f}", f"{r['load']:.2f}"]
+        f"{r['ratio']:.2f}x", f"{r['torch_gflops']:.0f}", f"{r['jax_gflops']:.0f}",
+        f"{r['gemm_torch']:.0f} / {r['gemm_jax']:.0f}" if "gemm_jax" in r else "-", f"{r['load']:.2f}"]
        for r in rows])
   print(f"# {common.load_avg()} (end)")
   return rows

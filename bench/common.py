@@ -269,6 +269,23 @@ def matmul_peak(n: int = 4096, reps: int = 5, dtype: str = "float32") -> float:
   return 2 * n ** 3 / best
 
 
+def gemm_rates(m: int, k: int, n: int, reps: int = 10) -> dict[str, float]:
+  """Best-of-`reps` FLOP/s of one float32 [m, k] x [k, n] matmul: {"jax": XLA's, "torch": PyTorch's}.
+
+  The two frameworks alternate on the same data. At a backbone's MLP shape this is the ceiling
+  each framework's forward can reach (the matmuls are ~80 % of a ViT's FLOPs).
+  """
+  import jax
+  import numpy as np
+  import torch
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+  ja, jb, ta, tb = jax.numpy.asarray(a), jax.numpy.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+  f = jax.jit(lambda x, y: x @ y)
+  times = time_alternating({"jax": lambda: f(ja, jb), "torch": lambda: ta @ tb}, reps=reps, warmup=2)
+  return {name: 2 * m * k * n / min(ts) for name, ts in times.items()}
+
+
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
   """A markdown table on stdout."""
   print("| " + " | ".join(header) + " |")
