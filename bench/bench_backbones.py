@@ -39,7 +39,8 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--threads", type=int, default=None, help="CPUs for both frameworks (default: all)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="our compute dtype (parameters stay float32); torch always runs float32")
+                 help="compute dtype of both: ours computes in it with float32 parameters; torch's "
+                      "model and input are cast to it")
   p.add_argument("--smoke", action="store_true", help="tiny models, one repetition (a test of the script)")
   args = p.parse_args(argv)
   if args.smoke:
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> list[dict]:
   import numpy as np
   import torch
 
-  print(f"# backbone forward, batch {args.batch}, {args.reps} reps (median), ours in {args.dtype}")
+  print(f"# backbone forward, batch {args.batch}, {args.reps} reps (median), both in {args.dtype}")
   print(f"# {common.machine()}")
   print(f"# {common.load_avg()} (start)")
   rows = []
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     del state
     x = np.random.default_rng(0).standard_normal((args.batch, spec.size, spec.size, 3)).astype(np.float32)
     x_jax, x_torch = jnp.asarray(x), torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    if args.dtype == "bfloat16":
+      hf, x_torch = hf.to(torch.bfloat16), x_torch.to(torch.bfloat16)
     f_jax, f_torch = common.flax_forward(spec, ours), common.torch_forward(spec, hf)
     times = common.time_alternating({"torch": lambda: f_torch(x_torch), "jax": lambda: f_jax(x_jax)},
                                     reps=args.reps, warmup=args.warmup)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ssvp_jax.models import attention, bundle
+from ssvp_jax.models import attention, bundle, dense
 from ssvp_jax.models.resize import METHODS, resize_pos_table
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -134,8 +134,8 @@ class Attention(nnx.Module):
 
   def __init__(self, width: int, heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.heads = heads
-    dense = lambda: nnx.Linear(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q, self.k, self.v, self.out = dense(), dense(), dense(), dense()
+    linear = lambda: dense.Linear(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q, self.k, self.v, self.out = linear(), linear(), linear(), linear()
 
   def __call__(self, h: jax.Array, *, causal: bool = False, value_value: bool = False
                ) -> tuple[jax.Array, jax.Array | None]:
@@ -159,8 +159,8 @@ class Block(nnx.Module):
     self.ln_1 = nnx.LayerNorm(width, epsilon=eps, **kw)
     self.attn = Attention(width, heads, **kw)
     self.ln_2 = nnx.LayerNorm(width, epsilon=eps, **kw)
-    self.fc1 = nnx.Linear(width, mlp_dim, **kw)
-    self.fc2 = nnx.Linear(mlp_dim, width, **kw)
+    self.fc1 = dense.Linear(width, mlp_dim, **kw)
+    self.fc2 = dense.Linear(mlp_dim, width, **kw)
     self.act = act
 
   def __call__(self, x: jax.Array, *, causal: bool = False, value_value: bool = False

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ssvp_jax.models import attention, bundle
+from ssvp_jax.models import attention, bundle, dense
 
 Array = jax.Array
 _ACTIVATIONS = ("gelu", "silu")
@@ -152,8 +152,8 @@ def apply_rope(x: Array, sin: Array, cos: Array, num_prefix: int) -> Array:
 
 def _dense(d_in: int, d_out: int, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
   # transformers' init (truncated normal, std 0.02); real weights are loaded over it.
-  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
+  return dense.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
 
 
 def _layer_norm(cfg: DINOv3Config, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
