@@ -185,8 +185,8 @@ def main(argv) -> int:
   del argv
   from absl import app
 
-  from ssvp_jax.cli import FLAGS, setup_logging
-  setup_logging()
+  from ssvp_jax.cli import FLAGS, setup
+  setup()
   good = inference.expand_images([FLAGS.good])
   defective = inference.expand_images([FLAGS.defective]) if FLAGS.defective else []
   if not good:

@@ -186,8 +186,8 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str):
 
 def main(argv) -> None:
   del argv
-  from ssvp_jax.cli import FLAGS, setup_logging
-  setup_logging()
+  from ssvp_jax.cli import FLAGS, setup
+  setup()
   # Without --config, evaluate with the config the work directory was trained with.
   config = FLAGS.config if FLAGS.config is not None else load_config(FLAGS.workdir)
   if FLAGS.untrained:  # the baseline: the same model before training (heads at initialisation)

@@ -173,8 +173,8 @@ def export_model(engine: inference.Engine, out_path: str, input_size: int | None
 def main(argv) -> int:
   del argv
   from ssvp_jax.calibrate import load_calibration
-  from ssvp_jax.cli import FLAGS, setup_logging
-  setup_logging()
+  from ssvp_jax.cli import FLAGS, setup
+  setup()
   cal = load_calibration(FLAGS.workdir)
   category = FLAGS.category if FLAGS["category"].present or not cal else cal.get("category", FLAGS.category)
   engine = inference.load_engine(FLAGS.workdir, category, FLAGS.config)

@@ -123,8 +123,8 @@ def main(argv) -> int:
   from absl import app
 
   from ssvp_jax.calibrate import load_calibration
-  from ssvp_jax.cli import FLAGS, setup_logging
-  setup_logging()
+  from ssvp_jax.cli import FLAGS, setup
+  setup()
   out_dir = os.path.abspath(FLAGS.out)
   # Earlier outputs inside an input folder must not become inputs on a rerun.
   paths = [p for p in inference.expand_images(FLAGS.images) if not p.startswith(out_dir + os.sep)]

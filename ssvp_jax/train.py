@@ -17,7 +17,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from ssvp_jax import distributed, report, trainer
-from ssvp_jax.cli import FLAGS, setup_logging
+from ssvp_jax.cli import FLAGS, setup
 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 in a multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
@@ -29,7 +29,7 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
-  setup_logging()
+  setup()
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   out = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if distributed.is_main():
