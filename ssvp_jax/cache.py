@@ -37,7 +37,6 @@ import os
 import uuid
 from typing import Callable, Iterator, Sequence
 
-import grain
 import jax
 import ml_collections
 import ml_dtypes
@@ -46,7 +45,8 @@ from flax import nnx
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from ssvp_jax.data.pipeline import View, epoch_seed, load_example
+from ssvp_jax import distributed, sharding
+from ssvp_jax.data.pipeline import View, load_example
 from ssvp_jax.data.records import Record
 from ssvp_jax.models.ssvp import SSVP, Features
 
@@ -83,7 +83,7 @@ def params_digest(module: nnx.Module) -> str:
   h = hashlib.blake2b(digest_size=16)
   flat = sorted(nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.RngState))), key=lambda kv: str(kv[0]))
   for path, var in flat:
-    a = np.ascontiguousarray(jax.device_get(var[...]))
+    a = np.ascontiguousarray(sharding.to_host(var[...]))  # gathered when sharded over processes
     h.update(f"{'.'.join(map(str, path))}|{a.dtype.str}|{a.shape}|".encode())
     h.update(memoryview(a.reshape(-1).view(np.uint8)))
   return h.hexdigest()
@@ -261,19 +261,19 @@ class FeatureCache:
   def batches(self, features: Callable[[np.ndarray, np.ndarray], Features], records: Sequence[Record],
               views: Sequence[View], *, batch_size: int, seed: int, epoch: int, skip: int = 0, num_threads: int = 2, lookahead: int = 2
               ) -> Iterator[dict | None]:
-    """One training epoch as batches {"features": Features, "mask", "label", "index"} (NumPy).
+    """One training epoch as this process's rows of each global batch {"features": Features, "mask",
+    "label", "index"} (NumPy; all rows in a one-process run).
 
-    Same order and composition as `pipeline.iterate_batches(..., shuffle=True, drop_remainder=True)`
-    with the same (seed, epoch), so losses match the uncached loop. A batch whose entries all
-    exist is read from disk; otherwise its images are decoded, `features` (the jitted
-    `extract_features` of the model, e.g. `functional.Bound(extract_features, model)`) runs and the
-    entries are written (in the background; the generator waits for the writes before it ends).
+    Same order and composition as `distributed.train_batches` with the same (seed, epoch), so losses
+    match the uncached loop. A batch whose entries all exist (in every process) is read from disk;
+    otherwise each process decodes its rows, `features` runs on them - one collective call, e.g. the
+    trainer's `functional.Bound(extract_features, model)` over the global batch - and each process
+    writes its rows' entries (in the background; the generator waits for the writes before it ends).
     The first `skip` batches (already trained before a resume) are yielded as None, uncomputed.
     """
-    n = len(records)
-    order = grain.MapDataset.range(n).shuffle(seed=epoch_seed(seed, epoch))
-    idx = np.array([order[i] for i in range(n)], np.int64)
-    groups = [idx[j * batch_size:(j + 1) * batch_size] for j in range(n // batch_size)]
+    idx = distributed.epoch_order(len(records), seed, epoch)
+    rows = distributed.process_rows(batch_size)
+    groups = [idx[j * batch_size:(j + 1) * batch_size][rows] for j in range(len(records) // batch_size)]
 
     def fetch(i: int):
       got = self.load(records[i])
@@ -297,12 +297,13 @@ class FeatureCache:
         if j + lookahead < len(groups):
           submit(j + lookahead)
         group = groups[j]
-        if all(isinstance(it, tuple) for it in items):
+        if not distributed.any_process(not all(isinstance(it, tuple) for it in items)):
           feats = _stack([it[0] for it in items], self.num_taps)
           mask = np.stack([it[1] for it in items])
         else:
-          # Some entry is missing: decode the whole batch (hits too: rare) and recompute it, so
-          # the backbones always see full batches of one shape (one compilation).
+          # Some entry is missing (here or in another process): decode the whole batch (hits too:
+          # rare) and recompute it, so the backbones always see full batches of one shape (one
+          # compilation) and every process joins the collective call.
           exs = [it if isinstance(it, dict) else load_example(records[i], views, self.mask_size, index=int(i))
                  for it, i in zip(items, group)]
           clip_images = np.stack([e["clip"] for e in exs])  # [B, Hc, Wc, 3]
@@ -331,11 +332,6 @@ def from_config(config: ml_collections.ConfigDict, workdir: str, model: SSVP,
   section = config.get("cache")
   if section is None or not section.enabled:
     return None
-  if jax.process_count() > 1:
-    # Each process would need its own rows of every global batch and a sharded feature pass;
-    # not implemented yet, and silently training on wrong rows would be worse than stopping.
-    raise ValueError(f"config.cache.enabled=True is supported in one process only, this run has "
-                     f"{jax.process_count()}: pass --config.cache.enabled=False")
   root = section.dir.replace("{workdir}", workdir)
   mask_size = views[0].size
   description = key_description(model, config, views, mask_size, section.dtype)

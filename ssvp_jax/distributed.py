@@ -86,6 +86,14 @@ def process_rows(batch_size: int) -> slice:
   return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
 
 
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true in any process. A collective: every process calls it, in the same order."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.array([int(flag)], np.int32))).any())
+
+
 def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
   """The shuffled record order of one training epoch, exactly as `iterate_batches(shuffle=True)` draws it."""
   return np.fromiter(grain.MapDataset.range(num_records).shuffle(seed=epoch_seed(seed, epoch)), np.int64,

@@ -125,6 +125,19 @@ class TrainStep:
     nnx.update((self.model, self.optimizer), self.state)
 
 
+def _feature_pass(model: SSVP, mesh, batch_size: int):
+  """(this process's clip rows, dino rows) -> their Features as NumPy: the backbones run once over the
+  global batch that all processes' rows form (a collective call; the feature cache fills itself with it)."""
+  run = functional.Bound(cache.extract_features, model)
+  rows = distributed.process_rows(batch_size)
+
+  def features(clip_images: np.ndarray, dino_images: np.ndarray):
+    out = run(*sharding.shard_batch((clip_images, dino_images), mesh, process_local=True))
+    return jax.tree.map(lambda x: sharding.to_host(x)[rows], out)
+
+  return features
+
+
 def _versions() -> dict[str, str]:
   import flax
   import optax
@@ -206,7 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
   loss_cfg = ml_collections.FrozenConfigDict(config.loss)  # hashable: a static argument of the step
   feature_cache = cache.from_config(config, workdir, model, views(config))  # None when disabled
   train_step = TrainStep(model, optimizer)
-  features = functional.Bound(cache.extract_features, model) if feature_cache is not None else None
+  features = _feature_pass(model, mesh, bs) if feature_cache is not None else None
   logger = _Logger(workdir) if main else None
   last_terms = None
   try:

@@ -22,22 +22,30 @@ from test_train import flat, tiny_config  # noqa: E402
 OVERRIDES = {"optim.epochs": 1, "optim.warmup_frac": 0.0, "optim.lr": 3e-3, "optim.lr_prompt": 3e-3}
 
 
-def _config(data_dir: str):
+def _config(data_dir: str, cached: bool = False):
   c = tiny_config(**OVERRIDES)  # batch 4: 2 rows per process, 4 steps
   c.train_data.root = os.path.join(data_dir, "source")
   c.eval_data.target.root = os.path.join(data_dir, "target")
   c.checkpoint_every_steps = 4
+  if cached:  # epoch 1 fills the feature cache, epoch 2 reads it
+    c.optim.epochs = 2
+    c.checkpoint_every_steps = 8
+    c.cache.enabled = True
   return c
 
 
-def _child(process_id: str, port: str, data_dir: str, workdir: str, out_path: str) -> None:
+def _child(process_id: str, port: str, data_dir: str, workdir: str, out_path: str, cached: str = "") -> None:
   sys.path.insert(0, ROOT)
   from ssvp_jax import distributed, evaluate, trainer
 
   assert distributed.initialize(f"127.0.0.1:{port}", 2, int(process_id))
   import jax
-  c = _config(data_dir)
+  c = _config(data_dir, cached=bool(cached))
   model, tok, summary = trainer.train(c, workdir)
+  if cached:
+    with open(out_path, "w") as f:
+      json.dump({"summary": summary}, f)
+    return
   # Evaluation: every process holds each whole batch, the step splits it over the processes.
   records = trainer.read_split(c.eval_data.target, workdir, "eval_data.target")[:6]
   s_final = evaluate.predict_records(model, tok, c, records)["s_final"].tolist()
@@ -52,15 +60,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-  from ssvp_jax import evaluate, trainer
-  from ssvp_jax.models.ssvp import TRAINABLE
-
-  data = str(tmp_path / "data")
-  c = _config(data)
-  trainer.prepare_demo_data(c.train_data, c.train_data.root)
-  trainer.prepare_demo_data(c.eval_data.target, c.eval_data.target.root)
-
+def _run_two(tmp_path, data: str, workdir: str, *extra: str) -> list[dict]:
+  """Both children to completion; their JSON outputs (a failing child's traceback in the assertion)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one CPU device per process: the mesh's data axis spans the processes
   port = str(_free_port())
@@ -69,8 +70,8 @@ def test_two_processes_match_one(tmp_path):
   procs = []
   for i in range(2):
     with open(log_paths[i], "w") as log:
-      procs.append(subprocess.Popen([sys.executable, __file__, str(i), port, data, str(tmp_path / "multi"),
-                                     str(tmp_path / f"out{i}.json")], env=env, cwd=ROOT, stdout=log,
+      procs.append(subprocess.Popen([sys.executable, __file__, str(i), port, data, workdir,
+                                     str(tmp_path / f"out{i}.json"), *extra], env=env, cwd=ROOT, stdout=log,
                                     stderr=subprocess.STDOUT))
   try:
     for p in procs:
@@ -83,22 +84,34 @@ def test_two_processes_match_one(tmp_path):
     text = log_paths[i].read_text()
     start = text.find("Traceback")  # the Python error, before the coordination service's own report
     assert p.returncode == 0, f"process {i}:\n{text[start:start + 6000] if start >= 0 else text[-6000:]}"
+  return [json.load(open(tmp_path / f"out{i}.json")) for i in range(2)]
+
+
+def _losses(wd) -> list[float]:
+  with open(os.path.join(wd, "log.jsonl")) as f:
+    return [json.loads(line)["loss/total"] for line in f]
+
+
+def test_two_processes_match_one(tmp_path):
+  from ssvp_jax import evaluate, trainer
+  from ssvp_jax.models.ssvp import TRAINABLE
+
+  data = str(tmp_path / "data")
+  c = _config(data)
+  trainer.prepare_demo_data(c.train_data, c.train_data.root)
+  trainer.prepare_demo_data(c.eval_data.target, c.eval_data.target.root)
+  outs = _run_two(tmp_path, data, str(tmp_path / "multi"))
 
   one_model, tok, one_summary = trainer.train(c, str(tmp_path / "one"))
-  outs = [json.load(open(tmp_path / f"out{i}.json")) for i in range(2)]
   assert [o["process_count"] for o in outs] == [2, 2] and [o["devices"] for o in outs] == [2, 2]
   assert [o["main"] for o in outs] == [True, False]
   for o in outs:  # every process sees the same global loss
     assert o["summary"]["step"] == 4
     np.testing.assert_allclose(o["summary"]["loss/total"], one_summary["loss/total"], rtol=2e-5)
 
-  def losses(wd):
-    with open(os.path.join(wd, "log.jsonl")) as f:
-      return [json.loads(line)["loss/total"] for line in f]
-
-  multi = losses(tmp_path / "multi")
+  multi = _losses(tmp_path / "multi")
   assert len(multi) == 4  # written by process 0 only (two writers would log 8 lines)
-  np.testing.assert_allclose(multi, losses(tmp_path / "one"), rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(multi, _losses(tmp_path / "one"), rtol=2e-5, atol=1e-6)
   assert multi[0] != multi[-1]
 
   # Sharded evaluation across the processes gives every process the one-process scores.
@@ -113,6 +126,23 @@ def test_two_processes_match_one(tmp_path):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_two_processes_with_the_feature_cache_match_one_without(tmp_path):
+  """Epoch 1 fills the cache collectively (each process writes its rows), epoch 2 reads it back."""
+  from ssvp_jax import trainer
+
+  data = str(tmp_path / "data")
+  c = _config(data, cached=True)
+  trainer.prepare_demo_data(c.train_data, c.train_data.root)
+  outs = _run_two(tmp_path, data, str(tmp_path / "multi"), "cached")
+  c.cache.enabled = False
+  _, _, one = trainer.train(c, str(tmp_path / "one"))
+  multi = _losses(tmp_path / "multi")
+  assert len(multi) == 8 and [o["summary"]["step"] for o in outs] == [8, 8]
+  np.testing.assert_allclose(multi, _losses(tmp_path / "one"), rtol=2e-5, atol=1e-6)
+  entries = [f for _, _, fs in os.walk(tmp_path / "multi" / "feature_cache") for f in fs if f.endswith(".safetensors")]
+  assert len(entries) == 16  # 4 steps of 4 images, each stored once by the process that owns its row
 
 
 def test_initialize_needs_complete_arguments(monkeypatch):
@@ -153,4 +183,4 @@ def test_process_batches_rebuild_the_global_batch(monkeypatch, tmp_path):
 
 
 if __name__ == "__main__":
-  _child(*sys.argv[1:6])
+  _child(*sys.argv[1:7])
