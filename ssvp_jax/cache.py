@@ -259,16 +259,16 @@ class FeatureCache:
   # ---------------------------------------------------------------- training batches
 
   def batches(self, features: Callable[[np.ndarray, np.ndarray], Features], records: Sequence[Record],
-              views: Sequence[View], *, batch_size: int, seed: int, epoch: int, skip: int = 0, num_threads: int = 2, lookahead: int = 2
-              ) -> Iterator[dict | None]:
+              views: Sequence[View], *, batch_size: int, seed: int, epoch: int, skip: int = 0,
+              num_threads: int = 2, lookahead: int = 2) -> Iterator[dict | None]:
     """One training epoch as this process's rows of each global batch {"features": Features, "mask",
     "label", "index"} (NumPy; all rows in a one-process run).
 
     Same order and composition as `distributed.train_batches` with the same (seed, epoch), so losses
     match the uncached loop. A batch whose entries all exist (in every process) is read from disk;
-    otherwise each process decodes its rows, `features` runs on them - one collective call, e.g. the
-    trainer's `functional.Bound(extract_features, model)` over the global batch - and each process
-    writes its rows' entries (in the background; the generator waits for the writes before it ends).
+    otherwise each process decodes its rows and calls `features(clip_rows, dino_rows)` -> their
+    Features (in several processes a collective call over the global batch: `trainer._feature_pass`),
+    and writes its rows' entries (in the background; the generator waits for the writes before it ends).
     The first `skip` batches (already trained before a resume) are yielded as None, uncomputed.
     """
     idx = distributed.epoch_order(len(records), seed, epoch)
@@ -306,8 +306,8 @@ class FeatureCache:
           # compilation) and every process joins the collective call.
           exs = [it if isinstance(it, dict) else load_example(records[i], views, self.mask_size, index=int(i))
                  for it, i in zip(items, group)]
-          clip_images = np.stack([e["clip"] for e in exs])  # [B, Hc, Wc, 3]
-          dino_images = np.stack([e["dino"] for e in exs])  # [B, Hd, Wd, 3]
+          clip_images = np.stack([e["clip"] for e in exs])  # [rows, Hc, Wc, 3]
+          dino_images = np.stack([e["dino"] for e in exs])  # [rows, Hd, Wd, 3]
           feats = jax.tree.map(np.asarray, features(clip_images, dino_images))
           mask = np.stack([e["mask"] for e in exs])
           for b, i in enumerate(group):
