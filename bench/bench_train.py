@@ -43,7 +43,7 @@ from ssvp_jax import cache, functional, optim, trainer  # noqa: E402
 from ssvp_jax.build import build_model  # noqa: E402
 from ssvp_jax.data.pipeline import iterate_batches  # noqa: E402
 from ssvp_jax.models.prompts import make_templates  # noqa: E402
-from ssvp_jax.models.ssvp import TRAINABLE  # noqa: E402
+from ssvp_jax.models.ssvp import SSVP, TRAINABLE  # noqa: E402
 
 
 def load_avg() -> str:
@@ -76,7 +76,7 @@ def step_throughput(config: ml_collections.ConfigDict, workdir: str, steps: int)
   cat = {c: i for i, c in enumerate(categories)}
   base = {"mask": batch["mask"], "label": batch["label"],
           "class_index": np.array([cat[records[i].category] for i in batch["index"]], np.int32)}
-  feats = jax.tree.map(np.asarray, functional.Bound(cache.extract_features, model)(batch["clip"], batch["dino"]))
+  feats = jax.tree.map(np.asarray, functional.Bound(SSVP.features, model)(batch["clip"], batch["dino"]))
   variants = {"no cache": {**base, "clip": batch["clip"], "dino": batch["dino"]},
               "cache": {**base, "features": feats}}
   loss_cfg = ml_collections.FrozenConfigDict(config.loss)

@@ -171,12 +171,6 @@ def round_trip(feats: Features, dtype: str) -> Features:
   return out
 
 
-def extract_features(model: SSVP, clip_images: jax.Array, dino_images: jax.Array) -> Features:
-  """The frozen part: [B, Hc, Wc, 3], [B, Hd, Wd, 3] -> Features of B images. Jit it with the model
-  bound, `functional.Bound(extract_features, model)`, as the trainer does."""
-  return model.features(clip_images, dino_images)
-
-
 class FeatureCache:
   """One fingerprint's folder of entries; also serves training batches from it (`batches`)."""
 
@@ -271,9 +265,7 @@ class FeatureCache:
     and writes its rows' entries (in the background; the generator waits for the writes before it ends).
     The first `skip` batches (already trained before a resume) are yielded as None, uncomputed.
     """
-    idx = distributed.epoch_order(len(records), seed, epoch)
-    rows = distributed.process_rows(batch_size)
-    groups = [idx[j * batch_size:(j + 1) * batch_size][rows] for j in range(len(records) // batch_size)]
+    groups = distributed.epoch_rows(len(records), batch_size, seed, epoch)  # [steps, this process's rows]
 
     def fetch(i: int):
       got = self.load(records[i])

@@ -100,6 +100,14 @@ def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
                      count=num_records)
 
 
+def epoch_rows(num_records: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+  """[steps, rows]: positions (in the records) of this process's rows of every global batch of one
+  training epoch - the shuffle of `epoch_order`, grouped into batches, the remainder dropped."""
+  rows = process_rows(batch_size)
+  steps = num_records // batch_size
+  return epoch_order(num_records, seed, epoch)[:steps * batch_size].reshape(steps, batch_size)[:, rows]
+
+
 def train_batches(records: Sequence[Record], views: Sequence[View], *, batch_size: int, seed: int, epoch: int,
                   num_threads: int) -> Iterator[dict]:
   """This process's rows of every global training batch of one epoch (shuffled, remainder dropped).
@@ -113,12 +121,10 @@ def train_batches(records: Sequence[Record], views: Sequence[View], *, batch_siz
     yield from iterate_batches(records, views, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
                                drop_remainder=True, num_threads=num_threads)
     return
-  rows = process_rows(batch_size)
-  steps = len(records) // batch_size
-  order = epoch_order(len(records), seed, epoch)[:steps * batch_size].reshape(steps, batch_size)
-  mine = order[:, rows].reshape(-1)  # [steps * local]: global record positions, batch by batch
+  rows = epoch_rows(len(records), batch_size, seed, epoch)
+  mine = rows.reshape(-1)  # [steps * local]: global record positions, batch by batch
   local = [records[i] for i in mine]
-  for batch in iterate_batches(local, views, batch_size=rows.stop - rows.start, shuffle=False,
+  for batch in iterate_batches(local, views, batch_size=rows.shape[1], shuffle=False,
                                drop_remainder=True, num_threads=num_threads):
     batch["index"] = mine[batch["index"]].astype(np.int32)  # position in `local` -> in `records`
     yield batch

@@ -35,11 +35,6 @@ def eval_step(model: SSVP, clip_images, dino_images, t_init, size: int, sigma: f
   return maps_lib.postprocess(out.p_map, size, sigma), out.s_global, out.s_local, out.s_final
 
 
-def prompt_table(model: SSVP, ids, eot):
-  """T_init [C, P, E] of the classes in (ids, eot); jit it as `functional.Bound(prompt_table, model)`."""
-  return model.prompt_table((ids, eot))
-
-
 def _minmax(x: np.ndarray) -> np.ndarray:
   span = x.max() - x.min()
   return (x - x.min()) / span if span > 0 else np.zeros_like(x)
@@ -63,7 +58,7 @@ def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, r
   categories = sorted({r.category for r in records})
   templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.model.class_words,
                              model.clip.config.text.context_length)
-  table = functional.Bound(prompt_table, model)(templates.ids, templates.eot)
+  table = functional.Bound(SSVP.prompt_table, model)((templates.ids, templates.eot))
   table = sharding.to_host(table)  # [C, P, E], small; indexed on the host below
   mesh = sharding.model_mesh(model)  # None: a model `sharding.shard_model` never placed
   cls = np.array([categories.index(r.category) for r in records], np.int32)

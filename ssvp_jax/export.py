@@ -34,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssvp_jax import inference
-from ssvp_jax import maps as maps_lib
+from ssvp_jax import evaluate, inference
 
 log = logging.getLogger("ssvp_jax")
 
@@ -102,9 +101,8 @@ def inference_function(engine: inference.Engine, input_size: int
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, weight_leaves), rest)
     clip, dino = ((_resize(images, m) - mean) / std for m, (mean, std) in zip(matrices, stats))
     t = jnp.broadcast_to(t_init, (images.shape[0],) + t_init.shape)  # [b, P, E]
-    out = model.heads(model.features(clip, dino), t, deterministic=True)
-    amap = maps_lib.postprocess(out.p_map, map_size, sigma)          # [b, M, M]
-    return {"map": amap, "score": out.s_final, "s_global": out.s_global, "s_local": out.s_local}
+    amap, s_global, s_local, s_final = evaluate.eval_step(model, clip, dino, t, map_size, sigma)  # [b, M, M]
+    return {"map": amap, "score": s_final, "s_global": s_global, "s_local": s_local}
 
   return fn, leaves
 

@@ -36,7 +36,8 @@ def _apply(fn: Callable, graphdef: Any, state: Any, args: tuple, static: tuple) 
 class Bound:
   """`jax.jit(fn)(module, *args, **static)` with `module` split once, at construction.
 
-  `fn` must be a module-level function (it is part of the compilation key); keyword
+  `fn` must be a module-level function or a method of the module's class, e.g. `SSVP.features`
+  (it is part of the compilation key); keyword
   arguments are static (hashable, one compilation per value). Variable values are read at
   each call; the module's structure is fixed at construction.
   """

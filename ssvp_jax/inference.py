@@ -99,7 +99,7 @@ def category_table(model: SSVP, tokenizer, config: ml_collections.ConfigDict, ca
   """T_init [P, E] of one category through the frozen text tower (the words follow config.model.class_words)."""
   templates = make_templates(tokenizer, [category], model.prompts.n_learnable, config.model.class_words,
                              model.clip.config.text.context_length)
-  table = functional.Bound(evaluate.prompt_table, model)(templates.ids, templates.eot)
+  table = functional.Bound(SSVP.prompt_table, model)((templates.ids, templates.eot))
   return table[0]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ssvp_jax import cache, checkpoint, distributed, evaluate, functional, losses, optim, sharding
+from ssvp_jax import cache, checkpoint, distributed, evaluate, functional, losses, maps, optim, sharding
 from ssvp_jax.build import build_model
 from ssvp_jax.data import datasets, synth
 from ssvp_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, View
@@ -67,7 +67,7 @@ def upsample_probs(prob: jax.Array, size: int) -> jax.Array:
   logits before the softmax, so a map never leaves [0, 1] and keeps its sharpness)."""
   p = jnp.clip(prob, 1e-6, 1 - 1e-6)
   logit = jnp.log(p) - jnp.log1p(-p)
-  return jax.nn.sigmoid(jax.image.resize(logit, (prob.shape[0], size, size), "bilinear"))
+  return jax.nn.sigmoid(maps.upsample(logit, size))
 
 
 def loss_fn(model: SSVP, batch: dict, templates: tuple[jax.Array, jax.Array], key: jax.Array,
@@ -87,19 +87,14 @@ def loss_fn(model: SSVP, batch: dict, templates: tuple[jax.Array, jax.Array], ke
   return terms.total, terms
 
 
-def _step(model: SSVP, optimizer: nnx.Optimizer, batch: dict, templates, key, loss_cfg) -> losses.LossTerms:
-  """One optimiser step on the trainable parameters, in place; the backbones get no gradient."""
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _train_step(graphdef, frozen, state, batch, templates, key, loss_cfg):
+  """One optimiser step on the trainable parameters; the backbones get no gradient."""
+  model, optimizer = nnx.merge(graphdef, frozen, state)
   grad_fn = nnx.grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE), has_aux=True)
   grads, terms = grad_fn(model, batch, templates, key, loss_cfg)
   optimizer.update(model, grads)
   sharding.constrain(model, optimizer)  # updated state keeps the shardings of the rules
-  return terms
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _train_step(graphdef, frozen, state, batch, templates, key, loss_cfg):
-  model, optimizer = nnx.merge(graphdef, frozen, state)
-  terms = _step(model, optimizer, batch, templates, key, loss_cfg)
   return nnx.split((model, optimizer), FROZEN, ...)[2], terms
 
 
@@ -128,7 +123,7 @@ class TrainStep:
 def _feature_pass(model: SSVP, mesh, batch_size: int):
   """(this process's clip rows, dino rows) -> their Features as NumPy: the backbones run once over the
   global batch that all processes' rows form (a collective call; the feature cache fills itself with it)."""
-  run = functional.Bound(cache.extract_features, model)
+  run = functional.Bound(SSVP.features, model)
   rows = distributed.process_rows(batch_size)
 
   def features(clip_images: np.ndarray, dino_images: np.ndarray):

@@ -148,9 +148,9 @@ def test_bfloat16_compute_keeps_float32_parameters():
 
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   from test_train import tiny_config
-  from ssvp_jax import cache, functional, optim, trainer
+  from ssvp_jax import functional, optim, trainer
   from ssvp_jax.build import build_model
-  from ssvp_jax.models.ssvp import TRAINABLE
+  from ssvp_jax.models.ssvp import SSVP, TRAINABLE
 
   c = tiny_config()
   c.dtype = "bfloat16"
@@ -162,7 +162,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
            "dino": rng.normal(size=(b, 16, 16, 3)).astype(np.float32),
            "mask": (rng.random((b, 28, 28)) > 0.8).astype(np.float32), "label": np.array([0, 1, 0, 1], np.int32),
            "class_index": np.zeros(b, np.int32)}
-  feats = functional.Bound(cache.extract_features, model)(batch["clip"], batch["dino"])
+  feats = functional.Bound(SSVP.features, model)(batch["clip"], batch["dino"])
   assert feats.clip_local[0].dtype == jnp.bfloat16 and feats.dino_global.dtype == jnp.bfloat16
   templates = trainer.make_templates(tok, ["brick"], model.prompts.n_learnable, "readable",
                                      model.clip.config.text.context_length)
