@@ -155,3 +155,36 @@ def read_checkpoint(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
 def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
   """Drops `prefix` from keys that have it (keys without it are kept as they are)."""
   return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def map_checked(state: Mapping[str, np.ndarray], rules: list[Rule], expected: Mapping[str, tuple[int, ...]],
+                source: str, ignore: Iterable[str] = (), what: str = "the model") -> dict[str, np.ndarray]:
+  """`apply_rules` (strict on names), then every result checked against the module's shapes `expected`.
+
+  A hook that fails on a tensor of the wrong rank is found and named; a wrong shape names both the
+  source and the target key; a module parameter no rule produced is named too.
+  """
+  try:
+    flat = apply_rules(state, rules, source, ignore)
+  except WeightLoadError:
+    raise
+  except Exception as e:  # a hook met a tensor of the wrong rank: find and name it
+    for r in rules:
+      try:
+        r.hook(np.asarray(state[r.source], np.float32))
+      except Exception as err:
+        raise WeightLoadError(f"{source}: {r.source} has shape {tuple(np.shape(state[r.source]))}, "
+                              f"which cannot map to {r.target} ({err})") from err
+    raise e
+  src_of = {r.target: r.source for r in rules}
+  bad = [f"{src_of.get(k, '?')} -> {k}: expected {expected[k]}, got {v.shape}"
+         for k, v in sorted(flat.items()) if k in expected and tuple(v.shape) != tuple(expected[k])]
+  missing = sorted(set(expected) - set(flat))
+  if bad or missing:
+    lines = [f"{source} does not fit {what}:"]
+    if bad:
+      lines.append(f"  wrong shapes ({len(bad)}): " + "; ".join(bad))
+    if missing:
+      lines.append(f"  not produced ({len(missing)}): " + ", ".join(missing))
+    raise WeightLoadError("\n".join(lines))
+  return flat
