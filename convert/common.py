@@ -46,6 +46,18 @@ class Rule:
   hook: Hook = identity
 
 
+def linear_rules(target: str, source: str, bias: bool, kernel_hook: Hook = transpose,
+                 bias_hook: Hook = identity) -> list[Rule]:
+  """A PyTorch Linear (weight [out, in], bias) -> nnx.Linear (kernel [in, out], bias)."""
+  rules = [Rule(f"{target}.kernel", f"{source}.weight", kernel_hook)]
+  return rules + [Rule(f"{target}.bias", f"{source}.bias", bias_hook)] if bias else rules
+
+
+def norm_rules(target: str, source: str) -> list[Rule]:
+  """A PyTorch LayerNorm (weight, bias) -> nnx.LayerNorm (scale, bias)."""
+  return [Rule(f"{target}.scale", f"{source}.weight"), Rule(f"{target}.bias", f"{source}.bias")]
+
+
 def expand(rules: Iterable[Rule], num_layers: int) -> list[Rule]:
   """Replaces `{i}` by 0..num_layers-1 in rules that have it."""
   out = []
@@ -188,3 +200,15 @@ def map_checked(state: Mapping[str, np.ndarray], rules: list[Rule], expected: Ma
       lines.append(f"  not produced ({len(missing)}): " + ", ".join(missing))
     raise WeightLoadError("\n".join(lines))
   return flat
+
+
+def read_hf_config(src: str) -> tuple[dict, str]:
+  """(config.json dict, its path) of transformers weights at `src` (a folder, or a file in one)."""
+  cfg_path = os.path.join(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)), "config.json")
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"{src}: transformers-layout weights need their config.json, not found at {cfg_path}")
+  with open(cfg_path) as f:
+    try:
+      return json.load(f), cfg_path
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e

@@ -27,7 +27,6 @@ PATH is either
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -39,8 +38,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python convert/dinov2.py`: make the repository root importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from convert.common import (Rule, conv_to_hwio, expand, identity, map_checked, read_checkpoint, strip_prefix,
-                            transpose)
+from convert.common import (Rule, conv_to_hwio, expand, identity, linear_rules, map_checked, norm_rules,
+                            read_checkpoint, read_hf_config, strip_prefix, transpose)
 from ssvp_jax.models.bundle import WeightLoadError, save_bundle
 from ssvp_jax.models.dinov2 import DINOv2Config, param_shapes
 
@@ -139,16 +138,6 @@ def meta_config(state: Mapping[str, np.ndarray], num_heads: int | None = None,
 
 # ----------------------------------------------------------------------------- key tables
 
-def _linear(target: str, source: str, bias: bool, kernel_hook=transpose, bias_hook=identity) -> list[Rule]:
-  """A PyTorch Linear (weight [out, in], bias) -> nnx.Linear (kernel [in, out], bias)."""
-  rules = [Rule(f"{target}.kernel", f"{source}.weight", kernel_hook)]
-  return rules + [Rule(f"{target}.bias", f"{source}.bias", bias_hook)] if bias else rules
-
-
-def _norm(target: str, source: str) -> list[Rule]:
-  return [Rule(f"{target}.scale", f"{source}.weight"), Rule(f"{target}.bias", f"{source}.bias")]
-
-
 def _rows(j: int, parts: int, then=identity):
   """Hook: the j-th of `parts` equal row blocks of a fused weight [parts*F, D] or bias [parts*F], then `then`."""
   def hook(x):
@@ -169,11 +158,11 @@ def _table(x: np.ndarray) -> np.ndarray:
 def _mlp_rules(cfg: DINOv2Config, prefix: str, plain: tuple[str, str], fused: tuple[str, str]) -> list[Rule]:
   """MLP rules: plain (fc1, fc2) -> up, down; gated: fused (w12/weights_in: gate rows, then up) and down."""
   if not cfg.use_gated_mlp:
-    return [*_linear("layers.{i}.mlp.up", f"{prefix}.{plain[0]}", True),
-            *_linear("layers.{i}.mlp.down", f"{prefix}.{plain[1]}", True)]
-  half = lambda j: _linear(f"layers.{{i}}.mlp.{('gate', 'up')[j]}", f"{prefix}.{fused[0]}", True,
+    return [*linear_rules("layers.{i}.mlp.up", f"{prefix}.{plain[0]}", True),
+            *linear_rules("layers.{i}.mlp.down", f"{prefix}.{plain[1]}", True)]
+  half = lambda j: linear_rules(f"layers.{{i}}.mlp.{('gate', 'up')[j]}", f"{prefix}.{fused[0]}", True,
                            kernel_hook=_rows(j, 2, transpose), bias_hook=_rows(j, 2))
-  return [*half(0), *half(1), *_linear("layers.{i}.mlp.down", f"{prefix}.{fused[1]}", True)]
+  return [*half(0), *half(1), *linear_rules("layers.{i}.mlp.down", f"{prefix}.{fused[1]}", True)]
 
 
 def hf_rules(cfg: DINOv2Config) -> list[Rule]:
@@ -183,13 +172,13 @@ def hf_rules(cfg: DINOv2Config) -> list[Rule]:
            Rule("patch_embed.bias", "embeddings.patch_embeddings.projection.bias"),
            Rule("cls_token", "embeddings.cls_token"),
            Rule("pos_embed", "embeddings.position_embeddings", _table),
-           *_norm("norm", "layernorm"),
-           *_norm("layers.{i}.norm1", "encoder.layer.{i}.norm1"),
-           *_norm("layers.{i}.norm2", "encoder.layer.{i}.norm2"),
-           *_linear("layers.{i}.attn.q", att + "attention.query", cfg.qkv_bias),
-           *_linear("layers.{i}.attn.k", att + "attention.key", cfg.qkv_bias),
-           *_linear("layers.{i}.attn.v", att + "attention.value", cfg.qkv_bias),
-           *_linear("layers.{i}.attn.o", att + "output.dense", True),
+           *norm_rules("norm", "layernorm"),
+           *norm_rules("layers.{i}.norm1", "encoder.layer.{i}.norm1"),
+           *norm_rules("layers.{i}.norm2", "encoder.layer.{i}.norm2"),
+           *linear_rules("layers.{i}.attn.q", att + "attention.query", cfg.qkv_bias),
+           *linear_rules("layers.{i}.attn.k", att + "attention.key", cfg.qkv_bias),
+           *linear_rules("layers.{i}.attn.v", att + "attention.value", cfg.qkv_bias),
+           *linear_rules("layers.{i}.attn.o", att + "output.dense", True),
            Rule("layers.{i}.ls1.scale", "encoder.layer.{i}.layer_scale1.lambda1"),
            Rule("layers.{i}.ls2.scale", "encoder.layer.{i}.layer_scale2.lambda1"),
            *_mlp_rules(cfg, "encoder.layer.{i}.mlp", ("fc1", "fc2"), ("weights_in", "weights_out"))]
@@ -200,17 +189,17 @@ def hf_rules(cfg: DINOv2Config) -> list[Rule]:
 
 def meta_rules(cfg: DINOv2Config) -> list[Rule]:
   """Flax name <- Meta name, expanded over the layers."""
-  qkv = lambda j: _linear(f"layers.{{i}}.attn.{'qkv'[j]}", "blocks.{i}.attn.qkv", cfg.qkv_bias,
+  qkv = lambda j: linear_rules(f"layers.{{i}}.attn.{'qkv'[j]}", "blocks.{i}.attn.qkv", cfg.qkv_bias,
                           kernel_hook=_rows(j, 3, transpose), bias_hook=_rows(j, 3))
   rules = [Rule("patch_embed.kernel", "patch_embed.proj.weight", conv_to_hwio),
            Rule("patch_embed.bias", "patch_embed.proj.bias"),
            Rule("cls_token", "cls_token"),
            Rule("pos_embed", "pos_embed", _table),
-           *_norm("norm", "norm"),
-           *_norm("layers.{i}.norm1", "blocks.{i}.norm1"),
-           *_norm("layers.{i}.norm2", "blocks.{i}.norm2"),
+           *norm_rules("norm", "norm"),
+           *norm_rules("layers.{i}.norm1", "blocks.{i}.norm1"),
+           *norm_rules("layers.{i}.norm2", "blocks.{i}.norm2"),
            *qkv(0), *qkv(1), *qkv(2),
-           *_linear("layers.{i}.attn.o", "blocks.{i}.attn.proj", True),
+           *linear_rules("layers.{i}.attn.o", "blocks.{i}.attn.proj", True),
            Rule("layers.{i}.ls1.scale", "blocks.{i}.ls1.gamma"),
            Rule("layers.{i}.ls2.scale", "blocks.{i}.ls2.gamma"),
            *_mlp_rules(cfg, "blocks.{i}.mlp", ("fc1", "fc2"), ("w12", "w3"))]
@@ -250,12 +239,14 @@ def _map(state: Mapping[str, np.ndarray], rules: list[Rule], cfg: DINOv2Config, 
   return flat
 
 
-def hf_to_flax(state: Mapping[str, np.ndarray], cfg: DINOv2Config, source: str = "checkpoint") -> dict[str, np.ndarray]:
+def hf_to_flax(state: Mapping[str, np.ndarray], cfg: DINOv2Config,
+               source: str = "checkpoint") -> dict[str, np.ndarray]:
   """transformers Dinov2Model / Dinov2WithRegistersModel state dict (disk or in-memory keys) -> flat Flax params."""
   return _map(disk_layout(state), hf_rules(cfg), cfg, source, HF_IGNORED)
 
 
-def meta_to_flax(state: Mapping[str, np.ndarray], cfg: DINOv2Config, source: str = "checkpoint") -> dict[str, np.ndarray]:
+def meta_to_flax(state: Mapping[str, np.ndarray], cfg: DINOv2Config,
+                 source: str = "checkpoint") -> dict[str, np.ndarray]:
   """Meta's original DinoVisionTransformer state dict -> flat Flax params."""
   return _map(state, meta_rules(cfg), cfg, source, META_IGNORED)
 
@@ -308,14 +299,7 @@ def convert_checkpoint(src: str, num_heads: int | None = None) -> tuple[DINOv2Co
   if layout == "meta":
     cfg = meta_config(state, num_heads, source=src)
     return cfg, meta_to_flax(state, cfg, source=src), layout
-  cfg_path = os.path.join(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)), "config.json")
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{src}: transformers-layout weights need their config.json, not found at {cfg_path}")
-  with open(cfg_path) as f:
-    try:
-      cfg_json = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+  cfg_json, cfg_path = read_hf_config(src)
   cfg = hf_config(cfg_json, source=cfg_path)
   if num_heads is not None and num_heads != cfg.num_heads:
     raise ValueError(f"--num-heads {num_heads} contradicts {cfg_path} (num_attention_heads {cfg.num_heads})")

@@ -29,7 +29,6 @@ is an error.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -40,8 +39,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python convert/dinov3.py`: make the repository root importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from convert.common import (Rule, apply_rules, conv_to_hwio, expand, identity, read_checkpoint, strip_prefix,
-                            transpose)
+from convert.common import (Rule, conv_to_hwio, expand, identity, linear_rules, map_checked, norm_rules,
+                            read_checkpoint, read_hf_config, strip_prefix, transpose)
 from ssvp_jax.models.bundle import WeightLoadError, save_bundle
 from ssvp_jax.models.dinov3 import DINOv3Config, param_shapes
 
@@ -124,35 +123,25 @@ def meta_config(state: Mapping[str, np.ndarray], num_heads: int | None = None, r
 
 # ----------------------------------------------------------------------------- key tables
 
-def _linear(target: str, source: str, bias: bool, kernel_hook=transpose, bias_hook=identity) -> list[Rule]:
-  """A PyTorch Linear (weight [out, in], bias) -> nnx.Linear (kernel [in, out], bias)."""
-  rules = [Rule(f"{target}.kernel", f"{source}.weight", kernel_hook)]
-  return rules + [Rule(f"{target}.bias", f"{source}.bias", bias_hook)] if bias else rules
-
-
-def _norm(target: str, source: str) -> list[Rule]:
-  return [Rule(f"{target}.scale", f"{source}.weight"), Rule(f"{target}.bias", f"{source}.bias")]
-
-
 def hf_rules(cfg: DINOv3Config) -> list[Rule]:
   """Flax name <- transformers name (disk layout), expanded over the layers."""
   rules = [Rule("patch_embed.kernel", "embeddings.patch_embeddings.weight", conv_to_hwio),
            Rule("patch_embed.bias", "embeddings.patch_embeddings.bias"),
            Rule("cls_token", "embeddings.cls_token"),
            Rule("register_tokens", "embeddings.register_tokens"),
-           *_norm("norm", "norm"),
-           *_norm("layers.{i}.norm1", "layer.{i}.norm1"),
-           *_norm("layers.{i}.norm2", "layer.{i}.norm2"),
-           *_linear("layers.{i}.attn.q", "layer.{i}.attention.q_proj", cfg.query_bias),
-           *_linear("layers.{i}.attn.k", "layer.{i}.attention.k_proj", cfg.key_bias),
-           *_linear("layers.{i}.attn.v", "layer.{i}.attention.v_proj", cfg.value_bias),
-           *_linear("layers.{i}.attn.o", "layer.{i}.attention.o_proj", cfg.proj_bias),
+           *norm_rules("norm", "norm"),
+           *norm_rules("layers.{i}.norm1", "layer.{i}.norm1"),
+           *norm_rules("layers.{i}.norm2", "layer.{i}.norm2"),
+           *linear_rules("layers.{i}.attn.q", "layer.{i}.attention.q_proj", cfg.query_bias),
+           *linear_rules("layers.{i}.attn.k", "layer.{i}.attention.k_proj", cfg.key_bias),
+           *linear_rules("layers.{i}.attn.v", "layer.{i}.attention.v_proj", cfg.value_bias),
+           *linear_rules("layers.{i}.attn.o", "layer.{i}.attention.o_proj", cfg.proj_bias),
            Rule("layers.{i}.ls1.scale", "layer.{i}.layer_scale1.lambda1"),
            Rule("layers.{i}.ls2.scale", "layer.{i}.layer_scale2.lambda1"),
-           *_linear("layers.{i}.mlp.up", "layer.{i}.mlp.up_proj", cfg.mlp_bias),
-           *_linear("layers.{i}.mlp.down", "layer.{i}.mlp.down_proj", cfg.mlp_bias)]
+           *linear_rules("layers.{i}.mlp.up", "layer.{i}.mlp.up_proj", cfg.mlp_bias),
+           *linear_rules("layers.{i}.mlp.down", "layer.{i}.mlp.down_proj", cfg.mlp_bias)]
   if cfg.use_gated_mlp:
-    rules += _linear("layers.{i}.mlp.gate", "layer.{i}.mlp.gate_proj", cfg.mlp_bias)
+    rules += linear_rules("layers.{i}.mlp.gate", "layer.{i}.mlp.gate_proj", cfg.mlp_bias)
   return expand(rules, cfg.num_layers)
 
 
@@ -164,20 +153,20 @@ def _qkv_part(j: int, d: int, then=identity):
 def meta_rules(cfg: DINOv3Config) -> list[Rule]:
   """Flax name <- Meta name (after `fold_bias_mask`), expanded over the layers."""
   d = cfg.hidden_size
-  qkv = lambda j, bias: _linear(f"layers.{{i}}.attn.{'qkv'[j]}", "blocks.{i}.attn.qkv", bias,
+  qkv = lambda j, bias: linear_rules(f"layers.{{i}}.attn.{'qkv'[j]}", "blocks.{i}.attn.qkv", bias,
                                 kernel_hook=_qkv_part(j, d, transpose), bias_hook=_qkv_part(j, d))
   mlp = ([("gate", "w1"), ("up", "w2"), ("down", "w3")] if cfg.use_gated_mlp else [("up", "fc1"), ("down", "fc2")])
   rules = [Rule("patch_embed.kernel", "patch_embed.proj.weight", conv_to_hwio),
            Rule("patch_embed.bias", "patch_embed.proj.bias"),
            Rule("cls_token", "cls_token"),
-           *_norm("norm", "norm"),
-           *_norm("layers.{i}.norm1", "blocks.{i}.norm1"),
-           *_norm("layers.{i}.norm2", "blocks.{i}.norm2"),
+           *norm_rules("norm", "norm"),
+           *norm_rules("layers.{i}.norm1", "blocks.{i}.norm1"),
+           *norm_rules("layers.{i}.norm2", "blocks.{i}.norm2"),
            *qkv(0, cfg.query_bias), *qkv(1, cfg.key_bias), *qkv(2, cfg.value_bias),
-           *_linear("layers.{i}.attn.o", "blocks.{i}.attn.proj", cfg.proj_bias),
+           *linear_rules("layers.{i}.attn.o", "blocks.{i}.attn.proj", cfg.proj_bias),
            Rule("layers.{i}.ls1.scale", "blocks.{i}.ls1.gamma"),
            Rule("layers.{i}.ls2.scale", "blocks.{i}.ls2.gamma"),
-           *[r for t, s in mlp for r in _linear(f"layers.{{i}}.mlp.{t}", f"blocks.{{i}}.mlp.{s}", cfg.mlp_bias)]]
+           *[r for t, s in mlp for r in linear_rules(f"layers.{{i}}.mlp.{t}", f"blocks.{{i}}.mlp.{s}", cfg.mlp_bias)]]
   if cfg.num_register_tokens:  # without registers Meta has no storage_tokens at all
     rules.append(Rule("register_tokens", "storage_tokens"))
   return expand(rules, cfg.num_layers)
@@ -187,33 +176,13 @@ def meta_rules(cfg: DINOv3Config) -> list[Rule]:
 
 def _map(state: Mapping[str, np.ndarray], rules: list[Rule], cfg: DINOv3Config, source: str,
          ignore: tuple[str, ...]) -> dict[str, np.ndarray]:
-  """apply_rules (strict on names), then every result checked against the module's shapes."""
-  try:
-    flat = apply_rules(state, rules, source, ignore)
-  except WeightLoadError:
-    raise
-  except Exception as e:  # a hook met a tensor of the wrong rank: find and name it
-    for r in rules:
-      try:
-        r.hook(np.asarray(state[r.source], np.float32))
-      except Exception as err:
-        raise WeightLoadError(f"{source}: {r.source} has shape {tuple(np.shape(state[r.source]))}, "
-                              f"which cannot map to {r.target} ({err})") from err
-    raise e
-  if not cfg.num_register_tokens and "register_tokens" not in flat:
-    flat["register_tokens"] = np.zeros((1, 0, cfg.hidden_size), np.float32)
+  """map_checked (strict on names and shapes); an empty register table where the model has none."""
   expected = param_shapes(cfg)
-  src_of = {r.target: r.source for r in rules}
-  bad = [f"{src_of.get(k, '?')} -> {k}: expected {expected[k]}, got {v.shape}"
-         for k, v in sorted(flat.items()) if k in expected and tuple(v.shape) != expected[k]]
-  missing = sorted(set(expected) - set(flat))
-  if bad or missing:
-    lines = [f"{source} does not fit the DINOv3 config {cfg}:"]
-    if bad:
-      lines.append(f"  wrong shapes ({len(bad)}): " + "; ".join(bad))
-    if missing:
-      lines.append(f"  not produced ({len(missing)}): " + ", ".join(missing))
-    raise WeightLoadError("\n".join(lines))
+  if not cfg.num_register_tokens:  # an empty [1, 0, D] in the module, absent from the checkpoints
+    expected.pop("register_tokens")
+  flat = map_checked(state, rules, expected, source, ignore, what=f"the DINOv3 config {cfg}")
+  if not cfg.num_register_tokens:
+    flat["register_tokens"] = np.zeros((1, 0, cfg.hidden_size), np.float32)
   return flat
 
 
@@ -340,14 +309,7 @@ def convert_checkpoint(src: str, num_heads: int | None = None, rope_theta: float
   if layout == "meta":
     cfg = meta_config(state, num_heads, rope_theta, source=src)
     return cfg, meta_to_flax(state, cfg, source=src), layout
-  cfg_path = os.path.join(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)), "config.json")
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{src}: transformers-layout weights need their config.json, not found at {cfg_path}")
-  with open(cfg_path) as f:
-    try:
-      cfg_json = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+  cfg_json, cfg_path = read_hf_config(src)
   cfg = hf_config(cfg_json, source=cfg_path)
   if num_heads is not None and num_heads != cfg.num_heads:
     raise ValueError(f"--num-heads {num_heads} contradicts {cfg_path} (num_attention_heads {cfg.num_heads})")

@@ -1,8 +1,8 @@
 """Converted-weight bundles: one folder, self-describing, read strictly.
 
-A bundle is what `convert/clip.py` and `convert/dinov3.py` write:
+A bundle is what `convert/clip.py`, `convert/dinov3.py` and `convert/dinov2.py` write:
 
-    DIR/config.json          {"model": "clip" | "dinov3", "format_version": 1, "config": {...}}
+    DIR/config.json          {"model": "clip" | "dinov3" | "dinov2", "format_version": 1, "config": {...}}
     DIR/weights.safetensors  flat {"a.b.0.kernel": array} named after the NNX module's paths
     DIR/tokenizer/           CLIP only: files a transformers CLIPTokenizer reads
 
