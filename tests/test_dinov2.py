@@ -69,7 +69,7 @@ def test_resize_matrices_match_torch(size_in, size_out, antialias):
   eye = torch.eye(size_in, dtype=torch.float64)[None, None]  # [1, 1, in, in]
   ref = torch.nn.functional.interpolate(eye, size=(size_out, size_in), mode="bicubic", align_corners=False,
                                         antialias=antialias)[0, 0].numpy()
-  np.testing.assert_allclose(dinov2.interp_matrix(size_in, size_out, antialias), ref, atol=1e-12)
+  np.testing.assert_allclose(dinov2.resize_matrix(size_in, size_out, antialias), ref, atol=1e-12)
 
 
 def test_pos_table_resize_is_transformers(name="D"):

@@ -183,7 +183,7 @@ def antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
   return m
 
 
-def interp_matrix(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
+def resize_matrix(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
   """[out, in] bicubic resize matrix along one axis, as transformers' DINOv2 classes use it."""
   return antialias_matrix(in_size, out_size) if antialias else resize.interp_matrix(in_size, out_size, "bicubic")
 
@@ -197,8 +197,8 @@ def resize_pos_table(table: Array, grid: tuple[int, int], side: int, antialias: 
   if (gh, gw) == (side, side):
     return table
   patches = table[1:].astype(jnp.float32).reshape(side, side, -1)  # [side, side, D], row-major
-  mh = jnp.asarray(interp_matrix(side, gh, antialias), jnp.float32)  # [gh, side]
-  mw = jnp.asarray(interp_matrix(side, gw, antialias), jnp.float32)  # [gw, side]
+  mh = jnp.asarray(resize_matrix(side, gh, antialias), jnp.float32)  # [gh, side]
+  mw = jnp.asarray(resize_matrix(side, gw, antialias), jnp.float32)  # [gw, side]
   out = jnp.einsum("Yy,yxd,Xx->YXd", mh, patches, mw, precision=jax.lax.Precision.HIGHEST)
   return jnp.concatenate([table[:1], out.reshape(gh * gw, -1).astype(table.dtype)], axis=0)
 
