@@ -53,7 +53,7 @@ DEFAULTS = dict(
     backbones=("clip", "dino"),  # which backbones' patch tokens feed the bank
     taps=(),                   # positions in clip.layers / dino.layers (0-based); () = every tap
     top_percent=1.0,           # image score: mean of the top 1 % patch distances (AnomalyDINO)
-    weight=0.9,                # fusion: 0 = zero-shot only, 1 = bank only (measured, docs/reference_bank.md)
+    weight=0.8,                # fusion: 0 = zero-shot only, 1 = bank only (measured, docs/reference_bank.md)
     coreset=0.0,               # fraction of bank patches kept by greedy coreset (PatchCore); 0 = all
     chunk=4096,                # bank rows per matmul chunk (bounds memory: B x N x chunk floats)
     mutual=False,              # also report mutual scoring on the unlabelled test images (transductive)

@@ -108,3 +108,14 @@ def test_settings_fill_defaults_and_reject_bad_values():
   cfg.reference = ml_collections.ConfigDict({"weight": 1.5})
   with pytest.raises(ValueError, match="config.reference.weight"):
     reference.settings(cfg)
+
+
+def test_bench_reference_smoke(capsys):
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+  import bench_reference
+  rows = bench_reference.main(["--smoke", "--shots=1,2"])
+  assert [r["k"] for r in rows] == [1, 2] and rows[1]["rows"] == 2 * rows[0]["rows"]
+  assert all(r["seconds"] > 0 and r["share"] > 0 for r in rows)
+  assert "bank / inference" in capsys.readouterr().out
