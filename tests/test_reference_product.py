@@ -35,6 +35,15 @@ def test_calibrate_stores_a_bank_that_reloads_identical_and_other_weights_are_re
   # predict's engine picks the stored bank up; --no_reference leaves it out.
   assert inference.load_engine(workdir, "dots").bank is not None
   assert inference.load_engine(workdir, "dots", use_reference=False).bank is None
+  # References of another size, grayscale, or unreadable: decoded as every image is, or reported.
+  from PIL import Image
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70), np.uint8)).save(tmp_path / "gray.png")
+  with open(tmp_path / "broken.png", "w") as f:
+    f.write("not an image")
+  odd = [good[0], str(tmp_path / "gray.png"), str(tmp_path / "broken.png")]
+  bank, used, errors = inference.bank_from_files(dots, odd, batch_size=2, workers=0)
+  assert used == odd[:2] and len(errors) == 1 and "broken.png" in errors[0]
+  assert bank.layers[0].shape[0] == 2 * with_bank.bank.layers[0].shape[0] // len(good)
   other_config = tiny_config()
   other_config.seed = 1  # other random backbone weights
   other, _ = build_model(other_config)
