@@ -9,6 +9,8 @@ few fields. Every field can be overridden on the command line, e.g.
 
 import ml_collections
 
+from ssvp_jax import reference
+
 
 def dataset(name: str, root: str = "", categories: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   """One dataset entry: a reader name of ssvp_jax.data.datasets, its root, the split, a category subset.
@@ -96,6 +98,11 @@ def get_config() -> ml_collections.ConfigDict:
       score_norm="none",         # D15: "none" | "minmax" (transductive, Bayes-PFL)
       overlays=8,                # overlay PNGs written per category
   ))
+
+  # --- Few-shot reference bank (ssvp_jax/reference.py, docs/reference_bank.md): K good images per
+  # category as a patch memory bank, alone (training-free) or fused with the zero-shot map.
+  # Every key and its default, with a comment each: ssvp_jax/reference.py DEFAULTS (shots=0: off).
+  c.reference = ml_collections.ConfigDict(dict(reference.DEFAULTS))
 
   # --- Devices (ssvp_jax/sharding.py). A mesh of `data` x `model` devices (-1: all the devices the
   # other axis leaves); batches are split over `data`. Parameters follow the logical axis rules

@@ -51,6 +51,10 @@ def get_config():
   c.optim.batch_size = 8
   c.eval.sigma = 3.5           # 8 px at 518 px corresponds to ~3.5 px at 224 px
   c.eval.overlays = 4
+  # Few-shot rows after the zero-shot evaluation (ssvp_jax/fewshot.py): 4 good training images per
+  # held-out category as a reference bank, 3 seeds; mutual scoring as its own (transductive) row.
+  c.reference.shots = 4
+  c.reference.mutual = True
   c.log_every_steps = 5
   c.checkpoint_every_steps = 50
   return c

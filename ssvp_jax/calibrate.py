@@ -11,6 +11,11 @@ The pixel threshold (the contour on overlays) is always the same conformal quant
 map maxima: about a fraction `far` of good images show any contour. Everything, including how many
 images each threshold rests on, goes to `workdir/calibration.json`. Files that cannot be read are
 skipped and listed; the exit status is then 1 (the calibration is still written), else 0.
+
+The good images also become the category's reference bank (ssvp_jax/reference.py), written to
+`workdir/reference/<category>.npz` with a fingerprint of the backbone weights and resolution; predict
+and export then fuse it with the zero-shot scores, and the thresholds above are computed on those fused
+scores, each good image scored leave-one-out (without its own patches). `--no_reference` skips it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ssvp_jax import inference
+from ssvp_jax import inference, reference
 
 log = logging.getLogger("ssvp_jax")
 
@@ -77,10 +82,11 @@ def f1_threshold(good: Sequence[float], defective: Sequence[float]) -> dict[str,
           "false_positives": int(fp[best]), "false_negatives": int(defective.size - tp[best])}
 
 
-def _score(engine: inference.Engine, paths: Sequence[str], what: str, batch_size: int, workers: int):
+def _score(engine: inference.Engine, paths: Sequence[str], what: str, batch_size: int, workers: int,
+           owners: Sequence[int] | None = None):
   scores, maxima, failed = [], [], []
-  for r in tqdm(inference.score_files(engine, paths, batch_size, workers), total=len(paths), desc=what,
-                unit="img", dynamic_ncols=True, leave=False):
+  for r in tqdm(inference.score_files(engine, paths, batch_size, workers, owners=owners), total=len(paths),
+                desc=what, unit="img", dynamic_ncols=True, leave=False):
     if r.error:
       log.error("skipped: %s", r.error)
       failed.append(r.error)
@@ -91,14 +97,16 @@ def _score(engine: inference.Engine, paths: Sequence[str], what: str, batch_size
 
 
 def calibrate(engine: inference.Engine, good: Sequence[str], defective: Sequence[str] = (), far: float = DEFAULT_FAR,
-              batch_size: int = 8, workers: int = 4) -> dict[str, Any]:
+              batch_size: int = 8, workers: int = 4, owners: Sequence[int] | None = None) -> dict[str, Any]:
   """Scores the image files and returns the calibration record (see the module docstring).
 
   Files that cannot be decoded are skipped and counted (`failed`); at least one good image must score.
+  When the engine has a bank built from the good images, `owners` gives each good file's image index
+  in it, so each is scored leave-one-out (against the other good images, as a new image would be).
   """
   if not good:
     raise ValueError("no good images to calibrate on")
-  g_scores, g_max, g_failed = _score(engine, good, "good", batch_size, workers)
+  g_scores, g_max, g_failed = _score(engine, good, "good", batch_size, workers, owners)
   d_scores, _, d_failed = _score(engine, defective, "defective", batch_size, workers) if defective else (
       np.zeros(0), None, [])
   if g_scores.size == 0:
@@ -110,7 +118,7 @@ def calibrate(engine: inference.Engine, good: Sequence[str], defective: Sequence
   rec: dict[str, Any] = {
       "category": engine.category, "checkpoint_step": engine.step, "far": far,
       "num_good": n, "num_defective": m, "failed": g_failed + d_failed,
-      "pixel_threshold": pix, "pixel_rank": pix_rank,
+      "pixel_threshold": pix, "pixel_rank": pix_rank, "reference": _bank_summary(engine),
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   if m:
     f1 = f1_threshold(g_scores, d_scores)
@@ -123,6 +131,43 @@ def calibrate(engine: inference.Engine, good: Sequence[str], defective: Sequence
     rec["defective_detected"] = int(np.sum(d_scores >= rec["image_threshold"]))
   rec["summary"] = describe(rec)
   return rec
+
+
+def _bank_summary(engine: inference.Engine) -> dict[str, Any] | None:
+  """What calibration.json says about the bank the scores were fused with (None: zero-shot scores)."""
+  if engine.bank is None:
+    return None
+  return {k: engine.bank_meta.get(k) for k in ("path", "num_references", "weight", "fingerprint")}
+
+
+def store_bank(engine: inference.Engine, workdir: str, good: Sequence[str], batch_size: int, workers: int
+               ) -> tuple[inference.Engine, list[int] | None]:
+  """Builds the category's reference bank from the good images and writes it to the work directory
+  (`reference.bank_path`, atomically); returns (engine scoring with it, each good file's owner index).
+
+  Fewer than 2 readable good images make no bank (no image to score one against): the engine comes
+  back unchanged, and an older bank of the category is removed so that predict cannot pair it with
+  these thresholds.
+  """
+  path = reference.bank_path(workdir, engine.category)
+  bank, used, _ = inference.bank_from_files(engine, good, batch_size, workers)
+  if bank is None or len(used) < 2:
+    log.warning("no reference bank: it needs at least 2 readable good images, got %d", len(used))
+    remove_bank(path)
+    return engine, None
+  meta = {"fingerprint": reference.fingerprint(engine.model, engine.config), "category": engine.category,
+          "num_references": len(used), "files": used, "weight": float(reference.settings(engine.config).weight),
+          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  reference.save_bank(path, bank, meta)
+  log.info("reference bank of %d good images written to %s", len(used), path)
+  index = {p: i for i, p in enumerate(used)}
+  return engine.with_bank(bank, {**meta, "path": path}), [index.get(p, -1) for p in good]
+
+
+def remove_bank(path: str) -> None:
+  if os.path.isfile(path):
+    os.remove(path)
+    log.info("removed the older reference bank %s", path)
 
 
 def _ordinal(k: int) -> str:
@@ -150,6 +195,10 @@ def describe(rec: dict[str, Any]) -> list[str]:
   share = (n + 1 - k) / (n + 1) if k <= n else 1 / (n + 1)
   lines.append(f"pixel threshold {rec['pixel_threshold']:.6g}: from the map maxima of {n} good images ({where}); "
                f"about {share:.3g} of good images show a contour")
+  if rec.get("reference"):
+    lines.append(f"scores fused with the reference bank of {rec['reference']['num_references']} good images "
+                 f"({rec['reference']['path']}, weight {rec['reference']['weight']:g}); each good image scored "
+                 "without its own patches")
   if rec["failed"]:
     lines.append(f"{len(rec['failed'])} files could not be read and were skipped")
   return lines
@@ -195,9 +244,14 @@ def main(argv) -> int:
     raise app.UsageError(f"--defective={FLAGS.defective}: no image files found", exitcode=2)
   if set(good) & set(defective):
     raise app.UsageError("--good and --defective share files", exitcode=2)
-  engine = inference.load_engine(FLAGS.workdir, FLAGS.category, FLAGS.config)
-  rec = calibrate(engine, good, defective, FLAGS.far, FLAGS.batch_size or engine.config.eval.batch_size,
-                  FLAGS.workers)
+  engine = inference.load_engine(FLAGS.workdir, FLAGS.category, FLAGS.config, use_reference=False)
+  batch_size = FLAGS.batch_size or engine.config.eval.batch_size
+  owners = None
+  if FLAGS.no_reference:
+    remove_bank(reference.bank_path(FLAGS.workdir, engine.category))
+  else:
+    engine, owners = store_bank(engine, FLAGS.workdir, good, batch_size, FLAGS.workers)
+  rec = calibrate(engine, good, defective, FLAGS.far, batch_size, FLAGS.workers, owners)
   path = save_calibration(FLAGS.workdir, rec)
   print("\n".join(rec["summary"] + [f"written to {path}"]))
   return 1 if rec["failed"] else 0
@@ -211,6 +265,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("good", None, "Folder (or glob) of known-good images.", required=True)
   flags.DEFINE_string("defective", None, "Optional folder (or glob) of known-defective images: the image "
                       "threshold becomes F1-optimal.")
+  flags.DEFINE_bool("no_reference", False, "Do not build (and remove any older) reference bank of the good "
+                    "images; thresholds then rest on the zero-shot scores alone.")
   flags.DEFINE_float("far", DEFAULT_FAR, "Requested false-alarm rate on good images (image threshold without "
                      "--defective; the pixel threshold always).")
   app.run(main)

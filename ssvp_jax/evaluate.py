@@ -31,7 +31,12 @@ def eval_step(model: SSVP, clip_images, dino_images, t_init, size: int, sigma: f
 
   Jit it with the model bound: `functional.Bound(eval_step, model)(ci, di, t_init, size=, sigma=)`.
   """
-  out = model.heads(model.features(clip_images, dino_images), t_init, deterministic=True)
+  return head_outputs(model, model.features(clip_images, dino_images), t_init, size, sigma)
+
+
+def head_outputs(model: SSVP, feats, t_init, size: int, sigma: float):
+  """The heads on frozen features: (map [B, S, S], s_global, s_local, s_final [B]), as `eval_step`."""
+  out = model.heads(feats, t_init, deterministic=True)
   return maps_lib.postprocess(out.p_map, size, sigma), out.s_global, out.s_local, out.s_final
 
 
@@ -185,6 +190,8 @@ def main(argv) -> None:
   setup()
   # Without --config, evaluate with the config the work directory was trained with.
   config = FLAGS.config if FLAGS.config is not None else load_config(FLAGS.workdir)
+  if FLAGS.shots is not None or config.get("reference", {}).get("shots", 0):
+    return _fewshot_main(config, FLAGS.workdir, FLAGS.shots)
   if FLAGS.untrained:  # the baseline: the same model before training (heads at initialisation)
     from ssvp_jax.build import build_model
     model, tokenizer = build_model(config)
@@ -195,9 +202,30 @@ def main(argv) -> None:
   print(report.format_markdown(results))
 
 
+def _fewshot_main(config: ml_collections.ConfigDict, workdir: str, shots: int | None) -> None:
+  """--shots=K: the few-shot protocol (ssvp_jax/fewshot.py), fused on a trained work directory,
+  bank only on one that was never trained."""
+  from ssvp_jax import fewshot, inference, reference
+  from ssvp_jax.build import build_model
+  shots = shots if shots is not None else reference.settings(config).shots
+  if shots < 1:
+    raise ValueError(f"--shots={shots}: give K >= 1 references per category")
+  trained = os.path.isdir(os.path.join(workdir, "checkpoints")) and inference.checkpoint_step(workdir) is not None
+  if trained:
+    model, tokenizer = load_trained(config, workdir)
+  else:
+    log.info("%s has no checkpoint: the bank alone (training-free), no zero-shot or fused rows", workdir)
+    model, tokenizer = build_model(config)
+  results = fewshot.evaluate_fewshot(config, model, tokenizer, workdir, shots, trained)
+  print(report.format_markdown(results))
+
+
 if __name__ == "__main__":
   from absl import app, flags
   from ssvp_jax import cli  # noqa: F401  (defines --config and --workdir)
   flags.DEFINE_bool("untrained", False, "Evaluate the freshly initialised heads (the before-training "
                     "baseline) into workdir/eval_untrained instead of the trained checkpoint.")
+  flags.DEFINE_integer("shots", None, "Few-shot protocol: K good references per category from the normal "
+                       "training images, config.reference.seeds seeds, into workdir/eval_{K}shot (bank only "
+                       "when the work directory has no checkpoint). Default: config.reference.shots (0: off).")
   app.run(main)

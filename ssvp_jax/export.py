@@ -7,7 +7,8 @@ The exported function takes RGB images `float32 [b, S, S, 3]` with values in [0,
 batch size; S = --size, default config.clip.image_size) and computes everything the Python model does:
 bicubic resizing to each backbone's input size, normalisation, CLIP and DINOv3, the heads (T_init of
 the chosen category baked in as a constant, so no text tower), the upsampled and smoothed map and the
-scores. It returns {"map": [b, M, M], "score", "s_global", "s_local": [b]} with M =
+scores, fused with the category's reference bank when calibrate stored one (its arrays travel as
+weights; --no_reference leaves it out). It returns {"map": [b, M, M], "score", "s_global", "s_local": [b]} with M =
 config.clip.image_size, the map size of evaluation and predict.
 
 The resizing inside is PIL's antialiased bicubic filter written as two matrices, so for an image that
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssvp_jax import evaluate, inference
+from ssvp_jax import evaluate, inference, reference
 
 log = logging.getLogger("ssvp_jax")
 
@@ -88,23 +89,35 @@ def inference_function(engine: inference.Engine, input_size: int
                        ) -> tuple[Callable[[list[jax.Array], jax.Array], dict[str, jax.Array]], list[jax.Array]]:
   """(fn, weights): fn(weights, images [b, S, S, 3] float32 in [0, 1]) -> map and scores; pure JAX.
 
-  This is the function `export_model` serialises; calling it directly is "the Python model".
+  This is the function `export_model` serialises; calling it directly is "the Python model". With a
+  reference bank on the engine, the bank's arrays are weights too (after the model's), and "map" and
+  "score" are fused with it as `inference.Engine.forward` does; "bank_score" is the bank's own score.
   """
   graphdef, weights, rest = nnx.split(engine.model, _exported_weight, ...)
   leaves, treedef = jax.tree.flatten(weights)
+  n_model = len(leaves)
+  bank_leaves, bank_def = jax.tree.flatten(engine.bank)  # no leaves without a bank
+  spec = reference.spec(engine.config)
+  weight = float(reference.settings(engine.config).weight)
   matrices = [pil_bicubic_matrix(input_size, v.size) for v in engine.views]
   stats = [(np.asarray(v.mean, np.float32), np.asarray(v.std, np.float32)) for v in engine.views]
   t_init = np.asarray(engine.t_init)  # [P, E]
   map_size, sigma = engine.map_size, engine.sigma
 
   def fn(weight_leaves: list[jax.Array], images: jax.Array) -> dict[str, jax.Array]:
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, weight_leaves), rest)
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, weight_leaves[:n_model]), rest)
     clip, dino = ((_resize(images, m) - mean) / std for m, (mean, std) in zip(matrices, stats))
     t = jnp.broadcast_to(t_init, (images.shape[0],) + t_init.shape)  # [b, P, E]
-    amap, s_global, s_local, s_final = evaluate.eval_step(model, clip, dino, t, map_size, sigma)  # [b, M, M]
-    return {"map": amap, "score": s_final, "s_global": s_global, "s_local": s_local}
+    if not bank_leaves:
+      amap, s_global, s_local, s_final = evaluate.eval_step(model, clip, dino, t, map_size, sigma)  # [b, M, M]
+      return {"map": amap, "score": s_final, "s_global": s_global, "s_local": s_local}
+    bank = jax.tree.unflatten(bank_def, weight_leaves[n_model:])
+    (amap, s_global, s_local, s_final), ((bmap, bscore),), _ = reference.step(
+        model, clip, dino, t, (bank,), spec=spec, size=map_size, sigma=sigma)
+    return {"map": reference.fuse(amap, bmap, weight), "score": reference.fuse(s_final, bscore, weight),
+            "s_global": s_global, "s_local": s_local, "bank_score": bscore}
 
-  return fn, leaves
+  return fn, leaves + bank_leaves
 
 
 def _storable(x: jax.Array) -> tuple[np.ndarray, str]:
@@ -144,7 +157,12 @@ def export_model(engine: inference.Engine, out_path: str, input_size: int | None
       "score": "S_final (Eq. 19)", "category": engine.category,
       "class_words": engine.config.model.class_words, "sigma": engine.sigma, "checkpoint_step": engine.step,
       "views": [{"name": v.name, "size": v.size, "mean": list(v.mean), "std": list(v.std)} for v in engine.views],
-      "image_threshold": None, "pixel_threshold": None, "num_weights": len(weights)}
+      "image_threshold": None, "pixel_threshold": None, "num_weights": len(weights),
+      "reference": None if engine.bank is None else {
+          k: engine.bank_meta.get(k) for k in ("num_references", "weight", "fingerprint")}}
+  if engine.bank is not None:
+    meta["outputs"].append("bank_score")
+    meta["score"] = "S_final (Eq. 19) fused with the reference bank's score (ssvp_jax/reference.py)"
   if calibration:
     if calibration.get("category") not in (None, engine.category):
       log.warning("calibration.json was made for category %r, exporting %r: thresholds left out",
@@ -175,7 +193,7 @@ def main(argv) -> int:
   setup()
   cal = load_calibration(FLAGS.workdir)
   category = FLAGS.category if FLAGS["category"].present or not cal else cal.get("category", FLAGS.category)
-  engine = inference.load_engine(FLAGS.workdir, category, FLAGS.config)
+  engine = inference.load_engine(FLAGS.workdir, category, FLAGS.config, use_reference=not FLAGS.no_reference)
   meta = export_model(engine, FLAGS.out, FLAGS.size, [p for p in FLAGS.platforms.split(",") if p], cal)
   thr = "" if meta["image_threshold"] is None else f", image threshold {meta['image_threshold']:.6g}"
   print(f"wrote {FLAGS.out}: input float32 [b, {meta['input_size']}, {meta['input_size']}, 3] in [0, 1], "
@@ -190,6 +208,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "Artifact path, e.g. model.jaxexport.", required=True)
   flags.DEFINE_string("category", inference.DEFAULT_CATEGORY, "Category word baked into the prompts "
                       "(default 'object', or the calibrated one).")
+  flags.DEFINE_bool("no_reference", False, "Leave the category's stored reference bank out (zero-shot only).")
   flags.DEFINE_integer("size", None, "Input side S of the exported function (default config.clip.image_size).")
   flags.DEFINE_string("platforms", ",".join(DEFAULT_PLATFORMS), "Comma-separated jax.export platforms; "
                       "if one fails to lower, CPU only.")

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ssvp_jax import evaluate, functional
+from ssvp_jax import evaluate, functional, reference
 from ssvp_jax.data.common import DatasetError
 from ssvp_jax.data.pipeline import View, load_image, normalize, resize_image
 from ssvp_jax.models.prompts import class_words, make_templates
@@ -54,9 +54,12 @@ class Engine:
   views: tuple[View, View]   # CLIP's and DINOv3's input description
   step: int | None           # checkpoint step the heads come from
   tokenizer: object = None   # needed only by `with_category`
+  bank: reference.Bank | None = None  # the category's reference bank (fused with weight config.reference.weight)
+  bank_meta: dict | None = None       # what the stored bank says about itself (file, references, ...)
 
   def __post_init__(self):
     self._eval_step = functional.Bound(evaluate.eval_step, self.model)  # the model split once
+    self._bank_step = functional.Bound(reference.step, self.model) if self.bank is not None else None
 
   @property
   def map_size(self) -> int:
@@ -68,21 +71,38 @@ class Engine:
     return float(self.config.eval.sigma)
 
   def with_category(self, category: str) -> "Engine":
-    """The same model for another category word (only T_init changes)."""
+    """The same model for another category word (T_init changes; a bank belongs to one category: dropped)."""
     t_init = category_table(self.model, self.tokenizer, self.config, category)
-    return dataclasses.replace(self, category=category, t_init=t_init)
+    return dataclasses.replace(self, category=category, t_init=t_init, bank=None, bank_meta=None)
+
+  def with_bank(self, bank: reference.Bank | None, meta: dict | None = None) -> "Engine":
+    """The same model scoring with `bank` fused in (None: zero-shot only)."""
+    return dataclasses.replace(self, bank=bank, bank_meta=meta)
 
   def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float [H, W, 3] in [0, 1] -> (CLIP input [Sc, Sc, 3], DINOv3 input [Sd, Sd, 3]), normalised."""
     return tuple(normalize(resize_image(image, v.size), v.mean, v.std) for v in self.views)
 
-  def forward(self, clip_images: np.ndarray, dino_images: np.ndarray) -> dict[str, np.ndarray]:
-    """A batch through `evaluate.eval_step`: {"map": [B, S, S], "score", "s_global", "s_local": [B]}."""
+  def forward(self, clip_images: np.ndarray, dino_images: np.ndarray, owner: np.ndarray | None = None
+              ) -> dict[str, np.ndarray]:
+    """A batch through `evaluate.eval_step`: {"map": [B, S, S], "score", "s_global", "s_local": [B]}.
+
+    With a bank, "map" and "score" are the fused ones (reference.fuse), "bank_score" the bank's alone,
+    and `owner` [B] (bank image index or -1) scores a bank's own references leave-one-out.
+    """
     b = clip_images.shape[0]
     t_init = jnp.broadcast_to(self.t_init, (b,) + self.t_init.shape)  # [B, P, E]
-    amap, sg, sl, sf = self._eval_step(clip_images, dino_images, t_init, size=self.map_size, sigma=self.sigma)
-    return {"map": np.asarray(amap), "score": np.asarray(sf), "s_global": np.asarray(sg),
-            "s_local": np.asarray(sl)}
+    if self.bank is None:
+      amap, sg, sl, sf = self._eval_step(clip_images, dino_images, t_init, size=self.map_size, sigma=self.sigma)
+      return {"map": np.asarray(amap), "score": np.asarray(sf), "s_global": np.asarray(sg),
+              "s_local": np.asarray(sl)}
+    owner = np.full(b, -1, np.int32) if owner is None else np.asarray(owner, np.int32)
+    (amap, sg, sl, sf), ((bmap, bscore),), _ = self._bank_step(
+        clip_images, dino_images, t_init, (self.bank,), owner, spec=reference.spec(self.config),
+        size=self.map_size, sigma=self.sigma)
+    w = float(reference.settings(self.config).weight)
+    return {"map": np.asarray(reference.fuse(amap, bmap, w)), "score": np.asarray(reference.fuse(sf, bscore, w)),
+            "s_global": np.asarray(sg), "s_local": np.asarray(sl), "bank_score": np.asarray(bscore)}
 
 
 def checkpoint_step(workdir: str) -> int | None:
@@ -104,8 +124,9 @@ def category_table(model: SSVP, tokenizer, config: ml_collections.ConfigDict, ca
 
 
 def load_engine(workdir: str, category: str = DEFAULT_CATEGORY,
-                config: ml_collections.ConfigDict | None = None) -> Engine:
-  """The trained model of `workdir` (its saved config unless `config` is given) for `category`."""
+                config: ml_collections.ConfigDict | None = None, use_reference: bool = True) -> Engine:
+  """The trained model of `workdir` (its saved config unless `config` is given) for `category`, with the
+  category's stored reference bank (`reference.bank_path`, written by calibrate) when `use_reference`."""
   from ssvp_jax.trainer import views  # the trainer owns the input description
   config = config if config is not None else evaluate.load_config(workdir)
   model, tokenizer = evaluate.load_trained(config, workdir)
@@ -113,8 +134,15 @@ def load_engine(workdir: str, category: str = DEFAULT_CATEGORY,
     log.warning("config.eval.score_norm=%r is transductive (per-class min-max over a test set); single images "
                 "are scored with S_final of Eq. 19 instead (D15 'none')", config.eval.score_norm)
   log.info("category %r: prompts say %r", category, class_words(category, config.model.class_words))
-  return Engine(model, config, category, category_table(model, tokenizer, config, category), views(config),
-                checkpoint_step(workdir), tokenizer)
+  engine = Engine(model, config, category, category_table(model, tokenizer, config, category), views(config),
+                  checkpoint_step(workdir), tokenizer)
+  path = reference.bank_path(workdir, category)
+  if use_reference and os.path.isfile(path):
+    bank, meta = reference.load_bank(path, reference.fingerprint(model, config))
+    log.info("using the reference bank %s (%d good images, fusion weight %g)", path, meta["num_references"],
+             reference.settings(config).weight)
+    engine = engine.with_bank(bank, {**meta, "path": path})
+  return engine
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,7 +156,8 @@ class Scored:
   error: str | None = None
   height: int = 0                    # the upright image's size in pixels
   width: int = 0
-  score: float = math.nan            # S_final (Eq. 19)
+  score: float = math.nan            # S_final (Eq. 19), or fused with the bank (reference.fuse)
+  bank_score: float = math.nan       # the reference bank's score alone (NaN without a bank)
   s_global: float = math.nan
   s_local: float = math.nan
   map: np.ndarray | None = None      # [S, S] at the model's resolution (S = config.clip.image_size)
@@ -170,49 +199,87 @@ def _load(engine: Engine, path: str, keep_image: bool):
   return path, None, (clip, dino, h, w, small), time.perf_counter() - t0
 
 
-def score_files(engine: Engine, paths: Sequence[str], batch_size: int = 8, workers: int = 4,
-                keep_image: bool = False) -> Iterator[Scored]:
-  """Scores `paths` in batches of `batch_size` (the last one padded, so one compiled shape serves all).
-
-  Yields one `Scored` per path, in order; decoding runs on `workers` threads, one batch ahead of
-  the model. Files that fail to decode come back with `error` set.
-  """
+def _loaded_batches(engine: Engine, paths: Sequence[str], batch_size: int, workers: int, keep_image: bool):
+  """Yields (start, loaded) per batch of `paths`: `_load` results, decoded on `workers` threads one batch
+  ahead of the caller."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+  starts = range(0, len(paths), batch_size)
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
 
-    def submit(n: int) -> list[concurrent.futures.Future]:
-      return [pool.submit(_load, engine, p, keep_image) for p in chunks[n]] if n < len(chunks) else []
+    def submit(start: int) -> list[concurrent.futures.Future]:
+      return [pool.submit(_load, engine, p, keep_image) for p in paths[start:start + batch_size]]
 
     pending = submit(0)
-    for n in range(len(chunks)):
+    for start in starts:
       loaded = [f.result() for f in pending]
-      pending = submit(n + 1)  # the next batch decodes while this one runs
-      yield from _run_batch(engine, loaded, batch_size)
+      pending = submit(start + batch_size)  # the next batch decodes while this one runs
+      yield start, loaded
 
 
-def _run_batch(engine: Engine, loaded, batch_size: int) -> list[Scored]:
-  ok = [i for i, (_, err, _, _) in enumerate(loaded) if err is None]
-  out = [Scored(path, error=err, seconds=sec) for path, err, _, sec in loaded]
-  if not ok:
-    return out
+def _padded(engine: Engine, loaded, ok: list[int], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The decoded rows `ok` of a batch as (clip, dino) arrays of `batch_size` rows (padding rows zero)."""
   sc, sd = (v.size for v in engine.views)
   clip = np.zeros((batch_size, sc, sc, 3), np.float32)  # padding rows stay zero; their outputs are dropped
   dino = np.zeros((batch_size, sd, sd, 3), np.float32)
   for row, i in enumerate(ok):
     clip[row], dino[row] = loaded[i][2][0], loaded[i][2][1]
+  return clip, dino
+
+
+def score_files(engine: Engine, paths: Sequence[str], batch_size: int = 8, workers: int = 4,
+                keep_image: bool = False, owners: Sequence[int] | None = None) -> Iterator[Scored]:
+  """Scores `paths` in batches of `batch_size` (the last one padded, so one compiled shape serves all).
+
+  Yields one `Scored` per path, in order; decoding runs on `workers` threads, one batch ahead of
+  the model. Files that fail to decode come back with `error` set. `owners` (one per path): each
+  file's image index in the engine's bank, scored leave-one-out (see `Engine.forward`).
+  """
+  for start, loaded in _loaded_batches(engine, paths, batch_size, workers, keep_image):
+    yield from _run_batch(engine, loaded, batch_size, None if owners is None else owners[start:start + batch_size])
+
+
+def _run_batch(engine: Engine, loaded, batch_size: int, owners: Sequence[int] | None) -> list[Scored]:
+  ok = [i for i, (_, err, _, _) in enumerate(loaded) if err is None]
+  out = [Scored(path, error=err, seconds=sec) for path, err, _, sec in loaded]
+  if not ok:
+    return out
+  clip, dino = _padded(engine, loaded, ok, batch_size)
+  owner = np.full(batch_size, -1, np.int32)
+  if owners is not None:
+    owner[:len(ok)] = [owners[i] for i in ok]
   t0 = time.perf_counter()
-  res = engine.forward(clip, dino)
+  res = engine.forward(clip, dino, owner if engine.bank is not None else None)
   share = (time.perf_counter() - t0) / len(ok)
   for row, i in enumerate(ok):
     _, _, h, w, small = loaded[i][2]
     r = out[i]
     r.height, r.width, r.image = h, w, small
     r.score, r.s_global, r.s_local = (float(res[k][row]) for k in ("score", "s_global", "s_local"))
+    r.bank_score = float(res["bank_score"][row]) if "bank_score" in res else math.nan
     r.map = res["map"][row]
     r.seconds += share
   return out
+
+
+def bank_from_files(engine: Engine, paths: Sequence[str], batch_size: int = 8, workers: int = 4
+                    ) -> tuple[reference.Bank | None, list[str], list[str]]:
+  """(bank, used paths, errors): the reference bank of the good image files that decode (None when none do);
+  the files are decoded and preprocessed exactly as `score_files` does."""
+  spec = reference.spec(engine.config)
+  run = functional.Bound(reference.selected_features, engine.model)
+  parts, used, errors = [], [], []
+  for _, loaded in _loaded_batches(engine, paths, batch_size, workers, False):
+    ok = [i for i, (_, err, _, _) in enumerate(loaded) if err is None]
+    errors += [err for _, err, _, _ in loaded if err is not None]
+    if ok:
+      out = run(*_padded(engine, loaded, ok, batch_size), spec=spec)
+      parts.append([np.asarray(x)[:len(ok)] for x in out])
+      used += [loaded[i][0] for i in ok]
+  if not parts:
+    return None, used, errors
+  layers = tuple(np.concatenate(p) for p in zip(*parts))
+  return reference.build_bank(layers, spec, reference.settings(engine.config).coreset), used, errors
 
 
 def max_location(amap: np.ndarray, height: int, width: int) -> tuple[int, int]:

@@ -9,6 +9,10 @@ writes into --out:
                         a magenta contour where the map reaches the pixel threshold
   maps/<name>.npy       the raw map, float32 [S, S] at the model's resolution (S = config.clip.image_size)
 
+With a reference bank stored by calibrate for the category (workdir/reference/<category>.npz), score and
+map are fused with it (ssvp_jax/reference.py; the log says so), `bank_score` holds the bank's own score
+and `reference` the bank's file; --no_reference scores zero-shot only.
+
 <name> is the file's path relative to the inputs' common folder, without its extension. Decisions
 ("defective" when score >= the image threshold, else "good") need thresholds: from
 `workdir/calibration.json` (python -m ssvp_jax.calibrate) or --image_threshold / --pixel_threshold;
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -34,7 +39,7 @@ from ssvp_jax import inference, report
 log = logging.getLogger("ssvp_jax")
 
 COLUMNS = ("path", "score", "decision", "max_x", "max_y", "max_value", "s_global", "s_local", "seconds",
-           "overlay", "map", "error")
+           "overlay", "map", "error", "bank_score", "reference")
 
 
 def output_names(paths: Sequence[str]) -> dict[str, str]:
@@ -61,13 +66,14 @@ def predict(engine: inference.Engine, paths: Sequence[str], out_dir: str, *, ima
   os.makedirs(out_dir, exist_ok=True)
   names = output_names(paths)
   rows = []
+  bank = engine.bank_meta.get("path", "bank") if engine.bank is not None else ""
   results = inference.score_files(engine, paths, batch_size, workers, keep_image=True)
   # Rows are written as they come, so a long run that is stopped keeps what it scored.
   with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()
     for r in tqdm(results, total=len(paths), desc="predict", unit="img", dynamic_ncols=True):
-      row = _write_outputs(r, out_dir, names[r.path], image_threshold, pixel_threshold)
+      row = _write_outputs(r, out_dir, names[r.path], image_threshold, pixel_threshold, bank)
       writer.writerow(row)
       f.flush()
       rows.append(row)
@@ -75,7 +81,7 @@ def predict(engine: inference.Engine, paths: Sequence[str], out_dir: str, *, ima
 
 
 def _write_outputs(r: inference.Scored, out_dir: str, name: str, image_threshold: float | None,
-                   pixel_threshold: float | None) -> dict[str, Any]:
+                   pixel_threshold: float | None, reference: str = "") -> dict[str, Any]:
   """Writes one image's map and overlay; returns its CSV row."""
   row = dict.fromkeys(COLUMNS, "")
   row["path"] = r.path
@@ -93,6 +99,8 @@ def _write_outputs(r: inference.Scored, out_dir: str, name: str, image_threshold
   report.save_overlay(overlay_path, r.image, np.clip(big_map, 0.0, 1.0), vmin=0.0, vmax=1.0,
                       threshold=pixel_threshold)
   x, y = inference.max_location(r.map, r.height, r.width)
+  if not math.isnan(r.bank_score):
+    row.update(bank_score=_cell(r.bank_score), reference=reference)
   row.update(score=_cell(r.score), s_global=_cell(r.s_global), s_local=_cell(r.s_local), max_x=x, max_y=y,
              max_value=_cell(r.map.max()), overlay=overlay_path, map=map_path,
              seconds=f"{r.seconds + time.perf_counter() - t0:.4f}")
@@ -137,7 +145,10 @@ def main(argv) -> int:
   elif cal and cal.get("category") != category:
     log.warning("calibration.json was made for category %r, predicting with %r: its thresholds may not fit",
                 cal.get("category"), category)
-  engine = inference.load_engine(FLAGS.workdir, category, FLAGS.config)
+  engine = inference.load_engine(FLAGS.workdir, category, FLAGS.config, use_reference=not FLAGS.no_reference)
+  if cal and bool(cal.get("reference")) != (engine.bank is not None):
+    log.warning("calibration.json was made with%s a reference bank, predicting with%s one: its thresholds "
+                "may not fit", "" if cal.get("reference") else "out", "" if engine.bank is not None else "out")
   img_thr, pix_thr = _thresholds(FLAGS, cal, engine.step)
   if img_thr is None:
     log.warning("no image threshold (run python -m ssvp_jax.calibrate or pass --image_threshold): "
@@ -162,6 +173,7 @@ if __name__ == "__main__":
   flags.DEFINE_multi_string("images", None, "Image file, folder (recursive) or glob; repeat for more.",
                             required=True)
   flags.DEFINE_string("out", None, "Output folder.", required=True)
+  flags.DEFINE_bool("no_reference", False, "Ignore the category's stored reference bank (zero-shot scores only).")
   flags.DEFINE_float("image_threshold", None, "Decision threshold on the image score (default: calibration.json).")
   flags.DEFINE_float("pixel_threshold", None, "Contour threshold on the maps (default: calibration.json).")
   app.run(main)

@@ -34,6 +34,8 @@ def main(argv) -> None:
   out = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if distributed.is_main():
     print(report.format_markdown(out["results"]))
+    if out.get("fewshot"):
+      print(report.format_markdown(out["fewshot"]))
 
 
 if __name__ == "__main__":

@@ -266,8 +266,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains on `config.train_data`, then evaluates zero-shot on every `config.eval_data` entry.
 
-  Returns {"train": summary, "results": dataset -> category -> metric}.
+  With config.reference.shots = K > 0 the few-shot protocol follows (ssvp_jax/fewshot.py,
+  workdir/eval_{K}shot). Returns {"train": summary, "results": dataset -> category -> metric,
+  "fewshot": the few-shot rows, or None}.
   """
+  from ssvp_jax import fewshot, reference
   model, tokenizer, summary = train(config, workdir)
   results = evaluate.evaluate_datasets(config, model, tokenizer, workdir)
-  return {"train": summary, "results": results}
+  shots = reference.settings(config).shots
+  few = fewshot.evaluate_fewshot(config, model, tokenizer, workdir, shots, trained=True) if shots else None
+  return {"train": summary, "results": results, "fewshot": few}

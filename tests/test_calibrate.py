@@ -66,7 +66,11 @@ def test_false_alarm_rate_on_held_out_good_images(trained_workdir, engine, tmp_p
   assert f"rests on {n} good images" in res.stdout
   rec = calibrate.load_calibration(workdir)
   assert rec["method"] == "good_quantile" and rec["num_good"] == n and rec["rank"] == 271  # ceil(301 * 0.9)
-  results = list(inference.score_files(engine, held_out, batch_size=4))
+  # calibrate also stored the good images' reference bank: held-out images are scored as predict
+  # scores them, fused with it (the thresholds rest on leave-one-out fused scores).
+  scorer = inference.load_engine(workdir)
+  assert scorer.bank is not None and rec["reference"]["num_references"] == n
+  results = list(inference.score_files(scorer, held_out, batch_size=4))
   # With a conformal threshold the held-out count is beta-binomial (m, n + 1 - rank, rank): the false-alarm
   # probability at the threshold is Beta(n + 1 - rank, rank) distributed. Accept its central 99.9 %.
   m = len(held_out)
