@@ -155,3 +155,41 @@ def read_checkpoint(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
 def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
   """Drops `prefix` from keys that have it (keys without it are kept as they are)."""
   return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+
+def add_output_args(parser, what: str) -> None:
+  """--out and --overwrite for a converter writing a `what` bundle folder."""
+  parser.add_argument("--out", required=True, help=f"{what} bundle folder to write (config.json + weights.safetensors)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help=f"replace --out when it already holds a {what} bundle (anything else is never replaced)")
+
+
+def _is_bundle(path: str, model: str) -> bool:
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(meta, dict) and meta.get("model") == model and "format_version" in meta
+
+
+def check_out(out: str, overwrite: bool, model: str) -> None:
+  """Refuses an existing non-empty --out unless --overwrite, and then only a `model` bundle (a trained
+  work directory's config.json has no "model": "clip"); checked before any conversion work."""
+  from ssvp_jax import fileio
+  fileio.check_output(out, overwrite, f"converted {model} bundle", lambda p: _is_bundle(p, model), folder=True)
+
+
+def write_bundle(out: str, model: str, config: Mapping, flat: Mapping[str, np.ndarray],
+                 extra: Callable[[str], None] | None = None) -> None:
+  """Writes the bundle (and `extra(folder)`, e.g. a tokenizer) into a temporary folder that replaces
+  `out` only once complete: a failure or a full disk leaves `out` as it was, and nothing stale inside."""
+  from ssvp_jax import fileio
+  from ssvp_jax.models.bundle import save_bundle
+  with fileio.atomic_dir(out) as tmp:
+    save_bundle(tmp, model, config, flat)
+    if extra is not None:
+      extra(tmp)

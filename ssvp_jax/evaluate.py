@@ -153,11 +153,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} is missing: {workdir} is not a trained work directory "
                             "(train with `python -m ssvp_jax.train --config=... --workdir=...`)")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    try:
+      return ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+      from ssvp_jax.errors import UserError
+      raise UserError(f"{path}: not valid JSON ({e}); see config_history.jsonl beside it") from None
 
 
-def load_trained(config: ml_collections.ConfigDict, workdir: str):
-  """(model, tokenizer) with the heads of the latest checkpoint in `workdir`."""
+def load_trained(config: ml_collections.ConfigDict, workdir: str, move_bad: bool = False):
+  """(model, tokenizer) with the heads of the newest intact checkpoint in `workdir` (`move_bad`: move a
+  damaged newer one aside, as training does; only under the work directory's lock)."""
   from ssvp_jax import checkpoint, optim
   from ssvp_jax.build import build_model
   from ssvp_jax.models.ssvp import TRAINABLE
@@ -169,7 +174,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str):
   optimizer = optim.make_optimizer(model, config.optim, 1, TRAINABLE)
   mgr = checkpoint.manager(workdir)
   try:
-    meta = checkpoint.restore(mgr, model, optimizer, TRAINABLE)
+    meta = checkpoint.restore(mgr, model, optimizer, TRAINABLE, move_bad=move_bad)
   finally:
     mgr.close()
   if meta is None:
@@ -185,19 +190,23 @@ def main(argv) -> None:
   setup()
   # Without --config, evaluate with the config the work directory was trained with.
   config = FLAGS.config if FLAGS.config is not None else load_config(FLAGS.workdir)
-  if FLAGS.untrained:  # the baseline: the same model before training (heads at initialisation)
-    from ssvp_jax.build import build_model
-    model, tokenizer = build_model(config)
-    results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir, out_name="eval_untrained")
-  else:
-    model, tokenizer = load_trained(config, FLAGS.workdir)
-    results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir)
+  from ssvp_jax import validate
+  from ssvp_jax.trainer import workdir_lock
+  validate.check(config, FLAGS.workdir, train=False)
+  with workdir_lock(FLAGS.workdir, "evaluation"):  # not while a training writes the same files
+    if FLAGS.untrained:  # the baseline: the same model before training (heads at initialisation)
+      from ssvp_jax.build import build_model
+      model, tokenizer = build_model(config)
+      results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir, out_name="eval_untrained")
+    else:
+      model, tokenizer = load_trained(config, FLAGS.workdir, move_bad=True)
+      results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir)
   print(report.format_markdown(results))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ssvp_jax import cli  # noqa: F401  (defines --config and --workdir)
+  from absl import flags
+  from ssvp_jax import cli  # defines --config, --workdir and --verbose
   flags.DEFINE_bool("untrained", False, "Evaluate the freshly initialised heads (the before-training "
                     "baseline) into workdir/eval_untrained instead of the trained checkpoint.")
-  app.run(main)
+  cli.run(main)

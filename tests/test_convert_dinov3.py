@@ -188,6 +188,6 @@ def test_meta_bias_mask_and_periods_checks():
 
 def test_cli_reports_errors(tmp_path):
   r = run_cli(["convert/dinov3.py", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")])
-  assert r.returncode == 1
+  assert r.returncode == 2
   assert "error:" in r.stderr and "nowhere: no such file or folder" in r.stderr
   assert not (tmp_path / "b").exists()
