@@ -190,17 +190,16 @@ def main(argv) -> None:
   setup()
   # Without --config, evaluate with the config the work directory was trained with.
   config = FLAGS.config if FLAGS.config is not None else load_config(FLAGS.workdir)
-  from ssvp_jax import validate
-  from ssvp_jax.trainer import workdir_lock
+  from ssvp_jax import fileio, validate
   validate.check(config, FLAGS.workdir, train=False)
-  with workdir_lock(FLAGS.workdir, "evaluation"):  # not while a training writes the same files
-    if FLAGS.untrained:  # the baseline: the same model before training (heads at initialisation)
-      from ssvp_jax.build import build_model
-      model, tokenizer = build_model(config)
-      results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir, out_name="eval_untrained")
-    else:
-      model, tokenizer = load_trained(config, FLAGS.workdir, move_bad=True)
-      results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir)
+  fileio.WorkdirLock(FLAGS.workdir, "evaluation").acquire()  # until exit: not while a training writes here
+  if FLAGS.untrained:  # the baseline: the same model before training (heads at initialisation)
+    from ssvp_jax.build import build_model
+    model, tokenizer = build_model(config)
+    results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir, out_name="eval_untrained")
+  else:
+    model, tokenizer = load_trained(config, FLAGS.workdir, move_bad=True)
+    results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir)
   print(report.format_markdown(results))
 
 

@@ -172,6 +172,13 @@ class WorkdirLock:
     self.workdir, self.what = workdir, what
 
   def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+  def acquire(self) -> "WorkdirLock":
+    """Takes the lock (LockedError if another process holds it); a CLI may hold it until it exits."""
     held = _HELD.get(self.path)
     if held:
       held[1] += 1
@@ -197,7 +204,7 @@ class WorkdirLock:
     _HELD[self.path] = [f, 1]
     return self
 
-  def __exit__(self, *exc) -> None:
+  def release(self) -> None:
     held = _HELD[self.path]
     held[1] -= 1
     if held[1] == 0:
