@@ -121,4 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 10
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 2
+
+  # --- Resuming in a work directory that holds a run (ssvp_jax/resume.py): changes of keys that alter
+  # the run's meaning are refused unless listed here, comma-separated ("optim.lr,optim.epochs", a
+  # section such as "optim", or "all"). Never compared itself.
+  c.resume = ml_collections.ConfigDict(dict(allow_changes=""))
   return c

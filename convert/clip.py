@@ -28,7 +28,8 @@ if __package__ in (None, ""):  # run as `python convert/clip.py`: make the repo 
 
 import numpy as np
 
-from convert.common import Rule, apply_rules, conv_to_hwio, expand, identity, read_checkpoint, transpose
+from convert.common import (Rule, add_output_args, apply_rules, check_out, conv_to_hwio, expand, identity,
+                            read_checkpoint, transpose, write_bundle)
 from ssvp_jax.models import bundle, clip
 from ssvp_jax.models.bundle import WeightLoadError
 
@@ -352,7 +353,7 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--src", required=True, help="transformers CLIP folder, or OpenAI .pt/.pth/.safetensors")
   p.add_argument("--text-src", help="CLIPTextModelWithProjection folder when --src is vision-only")
-  p.add_argument("--out", required=True, help="bundle folder to write")
+  add_output_args(p, "CLIP")
   p.add_argument("--tokenizer", help="transformers tokenizer folder or OpenAI bpe_simple_vocab_16e6.txt.gz "
                                      "(default: look beside the source)")
   p.add_argument("--vision-heads", type=int, help="OpenAI source only (default width // 64)")
@@ -360,6 +361,7 @@ def main(argv=None) -> None:
   p.add_argument("--pos-interpolation", default="bilinear", choices=clip.METHODS,
                  help="position-table resize stored in the bundle's config (load() can override it)")
   args = p.parse_args(argv)
+  check_out(args.out, args.overwrite, "clip")
 
   config, flat, beside = read_source(args.src, args.text_src, args.vision_heads, args.text_heads,
                                      args.pos_interpolation)
@@ -374,8 +376,8 @@ def main(argv=None) -> None:
                               "open-clip-torch wheel)")
     tok = read_tokenizer(found[0], config.text.vocab_size)
 
-  bundle.save_bundle(args.out, "clip", config.to_dict(), flat)
-  tok.save_pretrained(os.path.join(args.out, "tokenizer"))
+  write_bundle(args.out, "clip", config.to_dict(), flat,
+               extra=lambda folder: tok.save_pretrained(os.path.join(folder, "tokenizer")))
   v, t = config.vision, config.text
   print(f"CLIP vision {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers ({v.heads} heads), "
         f"text vocab {t.vocab_size} ctx {t.context_length} width {t.width} x {t.layers} layers ({t.heads} heads), "
@@ -386,5 +388,6 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
   try:
     main()
-  except (WeightLoadError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"convert/clip.py: error: {e}")
+  except (WeightLoadError, ValueError, OSError) as e:  # the user's input: one line, exit status 2
+    print(f"convert/clip.py: error: {e}", file=sys.stderr)
+    sys.exit(2)

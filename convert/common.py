@@ -212,3 +212,41 @@ def read_hf_config(src: str) -> tuple[dict, str]:
       return json.load(f), cfg_path
     except json.JSONDecodeError as e:
       raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+
+def add_output_args(parser, what: str) -> None:
+  """--out and --overwrite for a converter writing a `what` bundle folder."""
+  parser.add_argument("--out", required=True, help=f"{what} bundle folder to write (config.json + weights.safetensors)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help=f"replace --out when it already holds a {what} bundle (anything else is never replaced)")
+
+
+def _is_bundle(path: str, model: str) -> bool:
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(meta, dict) and meta.get("model") == model and "format_version" in meta
+
+
+def check_out(out: str, overwrite: bool, model: str) -> None:
+  """Refuses an existing non-empty --out unless --overwrite, and then only a `model` bundle (a trained
+  work directory's config.json has no "model": "clip"); checked before any conversion work."""
+  from ssvp_jax import fileio
+  fileio.check_output(out, overwrite, f"converted {model} bundle", lambda p: _is_bundle(p, model), folder=True)
+
+
+def write_bundle(out: str, model: str, config: Mapping, flat: Mapping[str, np.ndarray],
+                 extra: Callable[[str], None] | None = None) -> None:
+  """Writes the bundle (and `extra(folder)`, e.g. a tokenizer) into a temporary folder that replaces
+  `out` only once complete: a failure or a full disk leaves `out` as it was, and nothing stale inside."""
+  from ssvp_jax import fileio
+  from ssvp_jax.models.bundle import save_bundle
+  with fileio.atomic_dir(out) as tmp:
+    save_bundle(tmp, model, config, flat)
+    if extra is not None:
+      extra(tmp)

@@ -38,9 +38,10 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python convert/dinov2.py`: make the repository root importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from convert.common import (Rule, conv_to_hwio, expand, identity, linear_rules, map_checked, norm_rules,
-                            read_checkpoint, read_hf_config, strip_prefix, transpose)
-from ssvp_jax.models.bundle import WeightLoadError, save_bundle
+from convert.common import (Rule, add_output_args, check_out, conv_to_hwio, expand, identity, linear_rules,
+                            map_checked, norm_rules, read_checkpoint, read_hf_config, strip_prefix, transpose,
+                            write_bundle)
+from ssvp_jax.models.bundle import WeightLoadError
 from ssvp_jax.models.dinov2 import DINOv2Config, param_shapes
 
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
@@ -309,16 +310,17 @@ def convert_checkpoint(src: str, num_heads: int | None = None) -> tuple[DINOv2Co
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--src", required=True, help="transformers folder/file or Meta .pth")
-  parser.add_argument("--out", required=True, help="bundle folder to write (config.json + weights.safetensors)")
+  add_output_args(parser, "DINOv2")
   parser.add_argument("--num-heads", type=int, default=None,
                       help="Meta checkpoints: attention heads (default: width // 64)")
   args = parser.parse_args(argv)
   try:
+    check_out(args.out, args.overwrite, "dinov2")
     cfg, flat, layout = convert_checkpoint(args.src, args.num_heads)
-    save_bundle(args.out, "dinov2", cfg.to_dict(), flat)
+    write_bundle(args.out, "dinov2", cfg.to_dict(), flat)
   except (OSError, ValueError) as e:  # WeightLoadError is a ValueError
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return 2
   n = sum(int(v.size) for v in flat.values())
   print(f"converted {args.src} ({'transformers' if layout == 'hf' else 'Meta'} layout) -> {args.out}\n"
         f"  {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_heads} heads, MLP {cfg.intermediate_size}"

@@ -25,6 +25,11 @@ buffers, no pickle, readable by memory map) holding `clip_local.<l>` [N, C], `cl
 writes independent and atomic (temporary file + `os.replace`), so concurrent writers of the same
 entry never leave a torn file. bfloat16 travels as raw uint16 bits (safetensors' NumPy reader
 has no bfloat16) with the dtype named in the header's metadata.
+
+Integrity: the header's metadata carries a checksum of the stored arrays, verified on every read.
+An entry that does not parse, fails its checksum, or holds a non-finite value is logged by name and
+treated as missing: its batch is recomputed and the entry rewritten. Temporary files that a killed
+writer left behind are removed when the cache opens (ssvp_jax/fileio.py: remove_stale_temps).
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ import collections
 import concurrent.futures
 import hashlib
 import json
+import logging
 import os
-import uuid
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -45,12 +50,14 @@ from flax import nnx
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from ssvp_jax import distributed, sharding
+from ssvp_jax import distributed, fileio, sharding
 from ssvp_jax.data.pipeline import View, load_example
 from ssvp_jax.data.records import Record
 from ssvp_jax.models.ssvp import SSVP, Features
 
-FORMAT_VERSION = 1
+log = logging.getLogger("ssvp_jax")
+
+FORMAT_VERSION = 2  # 2: entries carry a checksum
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
           "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _CHUNK = 1 << 20
@@ -80,13 +87,9 @@ def params_digest(module: nnx.Module) -> str:
   Hashes the values, not a file name: a re-converted or re-initialised backbone is a new key.
   About 1 GB/s on one core, i.e. a few seconds for a ViT-L pair, paid once per run.
   """
-  h = hashlib.blake2b(digest_size=16)
   flat = sorted(nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.RngState))), key=lambda kv: str(kv[0]))
-  for path, var in flat:
-    a = np.ascontiguousarray(sharding.to_host(var[...]))  # gathered when sharded over processes
-    h.update(f"{'.'.join(map(str, path))}|{a.dtype.str}|{a.shape}|".encode())
-    h.update(memoryview(a.reshape(-1).view(np.uint8)))
-  return h.hexdigest()
+  # gathered when sharded over processes
+  return fileio.digest_arrays(('.'.join(map(str, path)), sharding.to_host(var[...])) for path, var in flat)
 
 
 def _config_section(section: ml_collections.ConfigDict) -> dict:
@@ -125,16 +128,9 @@ def fingerprint(description: dict) -> str:
 # ------------------------------------------------------------------------------------ entries
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  """Write-then-rename: readers see the old file or the whole new one, never a part."""
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+def checksum(tensors: dict[str, np.ndarray]) -> str:
+  """Digest of the stored arrays (name, dtype, shape, bytes) in name order."""
+  return fileio.digest_arrays((name, tensors[name]) for name in sorted(tensors))
 
 
 def _to_storage(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -187,7 +183,8 @@ class FeatureCache:
     os.makedirs(self.directory, exist_ok=True)
     info = os.path.join(self.directory, "info.json")
     if not os.path.exists(info):
-      _atomic_write(info, json.dumps(description, indent=2, sort_keys=True, default=str).encode())
+      fileio.atomic_write(info, json.dumps(description, indent=2, sort_keys=True, default=str).encode())
+    self._remove_orphans()
     self._digests: dict[str, tuple[int, int, str]] = {}  # path -> (mtime_ns, size, digest)
 
   # ---------------------------------------------------------------- keys and single entries
@@ -222,12 +219,19 @@ class FeatureCache:
         raise CacheError(f"{path}: features {bad} of {record.image_path} overflow float16: use "
                          "--config.cache.dtype=bfloat16 (or float32)")
     tensors["mask"] = np.ascontiguousarray(np.asarray(mask) > 0.5, dtype=np.uint8)
-    meta = {"format_version": str(FORMAT_VERSION), "dtype": self.dtype_name, "image": record.image_path}
-    _atomic_write(path, st_save(tensors, metadata=meta))
+    meta = {"format_version": str(FORMAT_VERSION), "dtype": self.dtype_name, "image": record.image_path,
+            "checksum": checksum(tensors)}
+    fileio.atomic_write(path, st_save(tensors, metadata=meta))
     return path
 
+  def _remove_orphans(self) -> None:
+    for sub in [self.directory] + [e.path for e in os.scandir(self.directory) if e.is_dir()]:
+      for path in fileio.remove_stale_temps(sub):
+        log.info("feature cache: removed %s, left by an interrupted writer", path)
+
   def load(self, record: Record) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
-    """(float32 features by flat name, float32 [S, S] mask) of `record`, or None when not cached."""
+    """(float32 features by flat name, float32 [S, S] mask) of `record`, or None when not cached or
+    damaged (logged by name; the caller recomputes and rewrites it)."""
     path = self.entry_path(record)
     try:
       with open(path, "rb") as f:
@@ -235,10 +239,20 @@ class FeatureCache:
     except FileNotFoundError:
       return None
     try:
+      return self._check(path, data)
+    except CacheError as e:
+      log.warning("%s; recomputing it", e)
+      return None
+
+  def _check(self, path: str, data: bytes) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Parses an entry and verifies it: checksum, names, mask shape, finite values (CacheError if not)."""
+    try:
       tensors = st_load(data)
+      stored = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {}).get("checksum")
     except Exception as e:  # safetensors raises its own error types for a bad header
-      raise CacheError(f"{path}: unreadable feature-cache entry ({type(e).__name__}: {e}); delete it and "
-                       "rerun to recompute") from e
+      raise CacheError(f"{path}: unreadable feature-cache entry ({type(e).__name__}: {e})") from e
+    if stored != checksum(tensors):
+      raise CacheError(f"{path}: feature-cache entry fails its checksum (damaged on disk)")
     expected = ({f"clip_local.{l}" for l in range(self.num_taps)} | {f"dino_local.{l}" for l in range(self.num_taps)}
                 | {"clip_global", "dino_global", "mask"})
     if set(tensors) != expected:
@@ -248,7 +262,11 @@ class FeatureCache:
       raise CacheError(f"{path}: cached mask is {mask.shape}, expected {(self.mask_size, self.mask_size)}")
     if self.dtype == DTYPES["bfloat16"]:
       tensors = {k: v.view(ml_dtypes.bfloat16) for k, v in tensors.items()}
-    return {k: v.astype(np.float32) for k, v in tensors.items()}, mask
+    out = {k: v.astype(np.float32) for k, v in tensors.items()}
+    bad = [k for k, v in out.items() if not np.isfinite(v).all()]
+    if bad:
+      raise CacheError(f"{path}: feature-cache entry holds non-finite values in {bad}")
+    return out, mask
 
   # ---------------------------------------------------------------- training batches
 

@@ -206,11 +206,9 @@ def describe(rec: dict[str, Any]) -> list[str]:
 
 def save_calibration(workdir: str, rec: dict[str, Any]) -> str:
   """Writes `workdir/calibration.json` (atomically); returns its path."""
+  from ssvp_jax.fileio import atomic_write_json
   path = os.path.join(workdir, inference.CALIBRATION_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(rec, f, indent=2)
-  os.replace(tmp, path)
+  atomic_write_json(path, rec)
   return path
 
 
@@ -258,9 +256,9 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
 
-  import ssvp_jax.cli  # noqa: F401  (--config, --workdir)
+  import ssvp_jax.cli  # --config, --workdir, --verbose; run()
   inference.define_flags()
   flags.DEFINE_string("good", None, "Folder (or glob) of known-good images.", required=True)
   flags.DEFINE_string("defective", None, "Optional folder (or glob) of known-defective images: the image "
@@ -269,4 +267,4 @@ if __name__ == "__main__":
                     "images; thresholds then rest on the zero-shot scores alone.")
   flags.DEFINE_float("far", DEFAULT_FAR, "Requested false-alarm rate on good images (image threshold without "
                      "--defective; the pixel threshold always).")
-  app.run(main)
+  ssvp_jax.cli.run(main)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ssvp_jax import maps as maps_lib
 from ssvp_jax import distributed, functional, metrics, report, sharding
 from ssvp_jax.data.pipeline import iterate_batches, load_image, resize_image
+from ssvp_jax.errors import UserError
 from ssvp_jax.models.prompts import make_templates
 from ssvp_jax.models.ssvp import SSVP
 
@@ -158,11 +159,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} is missing: {workdir} is not a trained work directory "
                             "(train with `python -m ssvp_jax.train --config=... --workdir=...`)")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    try:
+      return ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+      from ssvp_jax.errors import UserError
+      raise UserError(f"{path}: not valid JSON ({e}); see config_history.jsonl beside it") from None
 
 
-def load_trained(config: ml_collections.ConfigDict, workdir: str):
-  """(model, tokenizer) with the heads of the latest checkpoint in `workdir`."""
+def load_trained(config: ml_collections.ConfigDict, workdir: str, move_bad: bool = False):
+  """(model, tokenizer) with the heads of the newest intact checkpoint in `workdir` (`move_bad`: move a
+  damaged newer one aside, as training does; only under the work directory's lock)."""
   from ssvp_jax import checkpoint, optim
   from ssvp_jax.build import build_model
   from ssvp_jax.models.ssvp import TRAINABLE
@@ -174,7 +180,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str):
   optimizer = optim.make_optimizer(model, config.optim, 1, TRAINABLE)
   mgr = checkpoint.manager(workdir)
   try:
-    meta = checkpoint.restore(mgr, model, optimizer, TRAINABLE)
+    meta = checkpoint.restore(mgr, model, optimizer, TRAINABLE, move_bad=move_bad)
   finally:
     mgr.close()
   if meta is None:
@@ -190,6 +196,9 @@ def main(argv) -> None:
   setup()
   # Without --config, evaluate with the config the work directory was trained with.
   config = FLAGS.config if FLAGS.config is not None else load_config(FLAGS.workdir)
+  from ssvp_jax import fileio, validate
+  validate.check(config, FLAGS.workdir, train=False)
+  fileio.WorkdirLock(FLAGS.workdir, "evaluation").acquire()  # until exit: not while a training writes here
   if FLAGS.shots is not None or config.get("reference", {}).get("shots", 0):
     return _fewshot_main(config, FLAGS.workdir, FLAGS.shots)
   if FLAGS.untrained:  # the baseline: the same model before training (heads at initialisation)
@@ -197,7 +206,7 @@ def main(argv) -> None:
     model, tokenizer = build_model(config)
     results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir, out_name="eval_untrained")
   else:
-    model, tokenizer = load_trained(config, FLAGS.workdir)
+    model, tokenizer = load_trained(config, FLAGS.workdir, move_bad=True)
     results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir)
   print(report.format_markdown(results))
 
@@ -209,10 +218,10 @@ def _fewshot_main(config: ml_collections.ConfigDict, workdir: str, shots: int | 
   from ssvp_jax.build import build_model
   shots = shots if shots is not None else reference.settings(config).shots
   if shots < 1:
-    raise ValueError(f"--shots={shots}: give K >= 1 references per category")
+    raise UserError(f"--shots={shots}: give K >= 1 references per category")
   trained = os.path.isdir(os.path.join(workdir, "checkpoints")) and inference.checkpoint_step(workdir) is not None
   if trained:
-    model, tokenizer = load_trained(config, workdir)
+    model, tokenizer = load_trained(config, workdir, move_bad=True)
   else:
     log.info("%s has no checkpoint: the bank alone (training-free), no zero-shot or fused rows", workdir)
     model, tokenizer = build_model(config)
@@ -221,11 +230,11 @@ def _fewshot_main(config: ml_collections.ConfigDict, workdir: str, shots: int | 
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ssvp_jax import cli  # noqa: F401  (defines --config and --workdir)
+  from absl import flags
+  from ssvp_jax import cli  # defines --config, --workdir and --verbose
   flags.DEFINE_bool("untrained", False, "Evaluate the freshly initialised heads (the before-training "
                     "baseline) into workdir/eval_untrained instead of the trained checkpoint.")
   flags.DEFINE_integer("shots", None, "Few-shot protocol: K good references per category from the normal "
                        "training images, config.reference.seeds seeds, into workdir/eval_{K}shot (bank only "
                        "when the work directory has no checkpoint). Default: config.reference.shots (0: off).")
-  app.run(main)
+  cli.run(main)

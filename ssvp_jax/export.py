@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssvp_jax import evaluate, inference, reference
+from ssvp_jax import evaluate, fileio, inference, reference
 
 log = logging.getLogger("ssvp_jax")
 
@@ -177,13 +177,21 @@ def export_model(engine: inference.Engine, out_path: str, input_size: int | None
   arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
   folder = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(folder, exist_ok=True)
-  tmp = out_path + ".tmp"
-  with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+  with fileio.atomic_file(out_path, "wb") as f:  # a file object: np.savez would append ".npz" to a path
     np.savez(f, **arrays)
-  os.replace(tmp, out_path)
   log.info("exported %s (%s, %d weights, %.1f MB)", out_path, ",".join(meta["platforms"]), len(weights),
            os.path.getsize(out_path) / 1e6)
   return meta
+
+
+def is_artifact(path: str) -> bool:
+  """Whether `path` is a `.jaxexport` file (what --overwrite may replace)."""
+  import zipfile
+  try:
+    with zipfile.ZipFile(path) as z:
+      return {"function.npy", "meta.npy"} <= set(z.namelist())
+  except (OSError, zipfile.BadZipFile):
+    return False
 
 
 def main(argv) -> int:
@@ -191,6 +199,7 @@ def main(argv) -> int:
   from ssvp_jax.calibrate import load_calibration
   from ssvp_jax.cli import FLAGS, setup
   setup()
+  fileio.check_output(FLAGS.out, FLAGS.overwrite, ".jaxexport artifact", is_artifact, folder=False)
   cal = load_calibration(FLAGS.workdir)
   category = FLAGS.category if FLAGS["category"].present or not cal else cal.get("category", FLAGS.category)
   engine = inference.load_engine(FLAGS.workdir, category, FLAGS.config, use_reference=not FLAGS.no_reference)
@@ -202,14 +211,15 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
 
-  import ssvp_jax.cli  # noqa: F401  (--config, --workdir)
+  import ssvp_jax.cli  # --config, --workdir, --verbose; run()
   flags.DEFINE_string("out", None, "Artifact path, e.g. model.jaxexport.", required=True)
+  flags.DEFINE_bool("overwrite", False, "Replace --out when it is an existing .jaxexport artifact.")
   flags.DEFINE_string("category", inference.DEFAULT_CATEGORY, "Category word baked into the prompts "
                       "(default 'object', or the calibrated one).")
   flags.DEFINE_bool("no_reference", False, "Leave the category's stored reference bank out (zero-shot only).")
   flags.DEFINE_integer("size", None, "Input side S of the exported function (default config.clip.image_size).")
   flags.DEFINE_string("platforms", ",".join(DEFAULT_PLATFORMS), "Comma-separated jax.export platforms; "
                       "if one fails to lower, CPU only.")
-  app.run(main)
+  ssvp_jax.cli.run(main)

@@ -30,6 +30,7 @@ from ssvp_jax import distributed, functional, metrics, reference, report, shardi
 from ssvp_jax.data import datasets
 from ssvp_jax.data.common import DatasetError
 from ssvp_jax.data.pipeline import iterate_batches
+from ssvp_jax.errors import UserError
 from ssvp_jax.models.prompts import make_templates
 from ssvp_jax.models.ssvp import SSVP
 
@@ -39,9 +40,9 @@ log = logging.getLogger("ssvp_jax")
 def draw_references(candidates, k: int, seed: int, where: str) -> list:
   """K of a category's normal training records, drawn without replacement by `seed` (file order kept)."""
   if k < 1:
-    raise ValueError(f"--shots must be >= 1, got {k}")
+    raise UserError(f"--shots must be >= 1, got {k}")
   if k > len(candidates):
-    raise ValueError(f"{where}: --shots={k} references asked but only {len(candidates)} normal training "
+    raise UserError(f"{where}: --shots={k} references asked but only {len(candidates)} normal training "
                      "images exist; lower --shots")
   idx = np.sort(np.random.default_rng(seed).choice(len(candidates), size=k, replace=False))
   return [candidates[i] for i in idx]

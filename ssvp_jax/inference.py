@@ -301,6 +301,9 @@ def define_flags() -> None:
                       "category names.")
   flags.DEFINE_integer("batch_size", None, "Images per forward pass (default: config.eval.batch_size).")
   flags.DEFINE_integer("workers", 4, "Decoding threads.")
+  from ssvp_jax.data.pipeline import DEFAULT_MAX_PIXELS
+  flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "Largest image (width x height) to decode; larger files "
+                       "are reported and skipped (about 16 bytes of memory per pixel).")
 
 
 def expand_images(patterns: Sequence[str]) -> list[str]:

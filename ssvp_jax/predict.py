@@ -166,9 +166,9 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
 
-  import ssvp_jax.cli  # noqa: F401  (--config, --workdir)
+  import ssvp_jax.cli  # --config, --workdir, --verbose; run()
   inference.define_flags()
   flags.DEFINE_multi_string("images", None, "Image file, folder (recursive) or glob; repeat for more.",
                             required=True)
@@ -176,4 +176,4 @@ if __name__ == "__main__":
   flags.DEFINE_bool("no_reference", False, "Ignore the category's stored reference bank (zero-shot scores only).")
   flags.DEFINE_float("image_threshold", None, "Decision threshold on the image score (default: calibration.json).")
   flags.DEFINE_float("pixel_threshold", None, "Contour threshold on the maps (default: calibration.json).")
-  app.run(main)
+  ssvp_jax.cli.run(main)

@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from ssvp_jax import maps as maps_lib
+from ssvp_jax.errors import UserError
 from ssvp_jax.models.ssvp import SSVP, Features
 
 BACKBONES = ("clip", "dino")
@@ -321,7 +322,7 @@ def mutual_scores(layers: Sequence[np.ndarray], spec: Spec, lowest: float, size:
 BANK_DIR = "reference"  # workdir/reference/<category>.npz
 
 
-class BankError(ValueError):
+class BankError(UserError):
   """A stored bank cannot be used: names the file and the problem."""
 
 
@@ -343,14 +344,14 @@ def fingerprint(model: SSVP, config: ml_collections.ConfigDict) -> str:
 
 def save_bank(path: str, bank: Bank, meta: dict) -> None:
   """Writes `bank` and `meta` (JSON-able; must hold "fingerprint") to `path` atomically."""
-  from ssvp_jax.cache import _atomic_write
+  from ssvp_jax import fileio
   arrays = {f"layer_{i:02d}": np.asarray(x) for i, x in enumerate(bank.layers)}
   arrays.update(index=np.asarray(bank.index), scale=np.asarray(bank.scale),
                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  _atomic_write(path, buf.getvalue())
+  fileio.atomic_write(path, buf.getvalue())
 
 
 def load_bank(path: str, expected_fingerprint: str | None = None) -> tuple[Bank, dict]:

@@ -33,6 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from ssvp_jax.fileio import atomic_file, atomic_write
+
 METRICS = ("image_auroc", "image_ap", "image_f1_max",
            "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 # The paper's column order (Table 1): image group | pixel group.
@@ -115,7 +117,7 @@ def _json_value(v: float) -> float | None:
 
 
 def write_reports(results: Results, out_dir: str) -> dict[str, str]:
-  """Writes results.json, results.csv and results.md into `out_dir`; returns their paths."""
+  """Writes results.json, results.csv and results.md into `out_dir` (each atomically); returns their paths."""
   data, keys = _normalise(results)
   os.makedirs(out_dir, exist_ok=True)
   paths = {ext: os.path.join(out_dir, f"results.{ext}") for ext in ("json", "csv", "md")}
@@ -127,18 +129,17 @@ def write_reports(results: Results, out_dir: str) -> dict[str, str]:
     mean = dataset_mean(categories, keys)
     doc[dataset][MEAN] = {k: _json_value(mean[k]) for k in keys}
     doc[dataset][MEAN][COUNTS] = mean[COUNTS]
-  with open(paths["json"], "w") as f:
+  with atomic_file(paths["json"]) as f:
     json.dump(doc, f, indent=2, allow_nan=False)
 
-  with open(paths["csv"], "w", newline="") as f:
+  with atomic_file(paths["csv"], newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["dataset", "category"] + keys)
     for dataset, categories in data.items():
       for category, v in categories.items():
         writer.writerow([dataset, category] + [_csv_cell(v.get(k, math.nan)) for k in keys])
 
-  with open(paths["md"], "w") as f:
-    f.write(format_markdown(data))
+  atomic_write(paths["md"], format_markdown(data))
   return paths
 
 

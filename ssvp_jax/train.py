@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from ssvp_jax import distributed, report, trainer
+from ssvp_jax import cli, distributed, report, trainer
 from ssvp_jax.cli import FLAGS, setup
 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 in a multi-process run.")
@@ -39,4 +39,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

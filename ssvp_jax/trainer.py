@@ -5,6 +5,7 @@ The CLI in `ssvp_jax/train.py` only parses flags and calls `train_and_evaluate`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -21,7 +22,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ssvp_jax import cache, checkpoint, distributed, evaluate, functional, losses, maps, optim, sharding
+from ssvp_jax import (cache, checkpoint, distributed, evaluate, fileio, functional, losses, maps, optim, resume,
+                      sharding, validate)
 from ssvp_jax.build import build_model
 from ssvp_jax.data import datasets, synth
 from ssvp_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, View
@@ -38,15 +40,10 @@ def views(config: ml_collections.ConfigDict) -> tuple[View, View]:
 
 
 def prepare_demo_data(ds: ml_collections.ConfigDict, root: str) -> None:
-  """Writes a demo dataset with the generator into `root` if `ds.synth` asks for one and it is absent."""
-  synth_cfg = ds.get("synth")
-  if not synth_cfg or not synth_cfg.get("layout"):
-    return
-  if os.path.isdir(root) and os.listdir(root):
-    return
-  log.info("writing demo data (%s layout: %s) to %s", synth_cfg.layout, ", ".join(synth_cfg.categories), root)
-  synth.generate(synth_cfg.layout, root, synth_cfg.categories, size=synth_cfg.size,
-                 num_good=synth_cfg.num_good, num_anomalous=synth_cfg.num_anomalous, seed=synth_cfg.seed)
+  """Makes `root` a complete demo dataset as `ds.synth` describes (ssvp_jax.data.synth.ensure)."""
+  s = ds.synth
+  synth.ensure(s.layout, root, s.categories, size=s.size, num_good=s.num_good, num_anomalous=s.num_anomalous,
+               seed=s.seed)
 
 
 def read_split(ds: ml_collections.ConfigDict, workdir: str, section: str):
@@ -56,9 +53,10 @@ def read_split(ds: ml_collections.ConfigDict, workdir: str, section: str):
     raise ValueError(f"config.{section}.root is empty: pass --config.{section}.root=DIR (the extracted "
                      f"{title} folder)")
   root = ds.root.replace("{workdir}", workdir)
-  if distributed.is_main():  # one writer; the other processes wait for its files
-    prepare_demo_data(ds, root)
-  distributed.barrier("demo data")
+  if validate.generated_root(ds):  # only into roots the config templates under the work directory
+    if distributed.is_main():  # one writer; the other processes wait for its files
+      prepare_demo_data(ds, root)
+    distributed.barrier("demo data")
   return datasets.read_dataset(ds.name, root, ds.split, tuple(ds.categories) or None)
 
 
@@ -133,6 +131,12 @@ def _feature_pass(model: SSVP, mesh, batch_size: int):
   return features
 
 
+def _nbytes(model: SSVP, optimizer: nnx.Optimizer) -> int:
+  """Bytes of the trainable parameters and the optimiser state: what a checkpoint holds."""
+  leaves = jax.tree.leaves((nnx.state(model, TRAINABLE), nnx.state(optimizer)))
+  return sum(int(x.nbytes) for x in leaves if hasattr(x, "nbytes"))
+
+
 def _versions() -> dict[str, str]:
   import flax
   import optax
@@ -143,19 +147,28 @@ def _versions() -> dict[str, str]:
           "python": platform.python_version(), "backend": jax.default_backend()}
 
 
-def _write_run_files(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(workdir, "versions.json"), "w") as f:
-    json.dump(_versions(), f, indent=2)
+def _write_run_files(config: ml_collections.ConfigDict, workdir: str, changes: dict, step: int) -> None:
+  """config.json (+ a config_history.jsonl line, ssvp_jax/resume.py) and versions.json, atomically."""
+  resume.record(config, workdir, changes, step)
+  fileio.atomic_write_json(os.path.join(workdir, "versions.json"), _versions())
+
+
+def workdir_lock(workdir: str, what: str):
+  """The work directory's exclusive lock (ssvp_jax/fileio.py), held by process 0 of a multi-process run."""
+  return fileio.WorkdirLock(workdir, what) if distributed.is_main() else contextlib.nullcontext()
 
 
 class _Logger:
-  """Scalars to TensorBoard event files and to `log.jsonl` (one JSON object per line)."""
+  """Scalars to TensorBoard event files and to `log.jsonl` (one JSON object per line).
 
-  def __init__(self, workdir: str):
+  `step`: the step the run resumes from; lines and events written after it (by the run that was
+  interrupted) are dropped, so no step appears twice.
+  """
+
+  def __init__(self, workdir: str, step: int = 0):
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    resume.trim_log(os.path.join(workdir, "log.jsonl"), step)
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=step + 1 if step else None)
     self.jsonl = open(os.path.join(workdir, "log.jsonl"), "a")
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -171,14 +184,23 @@ class _Logger:
 
 def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int | None = None
           ) -> tuple[SSVP, Any, dict[str, Any]]:
-  """Trains the heads (resuming from the latest checkpoint in `workdir`); returns (model, tokenizer, summary).
+  """Trains the heads (resuming from the newest intact checkpoint in `workdir`); returns (model, tokenizer,
+  summary).
 
+  The config is checked first (ssvp_jax/validate.py), the work directory locked, and a resume must
+  keep the stored config's meaning (ssvp_jax/resume.py), all before anything is written.
   `stop_after_step` ends the run early after that step's checkpoint (used to test resumption).
   """
+  validate.check(config, workdir, train=True)
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lock(workdir, "training"):
+    changes = resume.check(config, workdir)
+    return _train(config, workdir, changes, stop_after_step)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, changes: dict, stop_after_step: int | None
+           ) -> tuple[SSVP, Any, dict[str, Any]]:
   main = distributed.is_main()  # only process 0 writes files, logs and the progress bar
-  if main:
-    _write_run_files(config, workdir)
   mesh = sharding.make_mesh(sharding.mesh_config(config))
   model, tokenizer = build_model(config)
   sharding.shard_model(model, mesh, sharding.mesh_config(config))
@@ -206,8 +228,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
            len(records), len(categories), config.train_data.name, total_steps, bs, f"{n_train:,}")
 
   mgr = checkpoint.manager(workdir, config.keep_checkpoints)
-  meta = checkpoint.restore(mgr, model, optimizer, TRAINABLE)
-  step = int(meta["step"]) if meta else 0
+  try:
+    meta = checkpoint.restore(mgr, model, optimizer, TRAINABLE)
+    step = int(meta["step"]) if meta else 0
+    if main:
+      validate.check_disk(workdir, _nbytes(model, optimizer) + (16 << 20), "a checkpoint")
+      _write_run_files(config, workdir, changes, step)
+  except BaseException:
+    mgr.close()  # orbax's threads must not outlive a refused start
+    raise
   if meta:
     log.info("resumed from the checkpoint of step %d in %s", step, workdir)
   base_key = jax.random.key(config.seed)
@@ -215,7 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
   feature_cache = cache.from_config(config, workdir, model, views(config))  # None when disabled
   train_step = TrainStep(model, optimizer)
   features = _feature_pass(model, mesh, bs) if feature_cache is not None else None
-  logger = _Logger(workdir) if main else None
+  logger = _Logger(workdir, step) if main else None
   last_terms = None
   try:
     with tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
@@ -271,8 +300,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   "fewshot": the few-shot rows, or None}.
   """
   from ssvp_jax import fewshot, reference
-  model, tokenizer, summary = train(config, workdir)
-  results = evaluate.evaluate_datasets(config, model, tokenizer, workdir)
-  shots = reference.settings(config).shots
-  few = fewshot.evaluate_fewshot(config, model, tokenizer, workdir, shots, trained=True) if shots else None
+  validate.check(config, workdir, train=True)
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock(workdir, "training"):  # through the evaluations at the end
+    model, tokenizer, summary = train(config, workdir)
+    results = evaluate.evaluate_datasets(config, model, tokenizer, workdir)
+    shots = reference.settings(config).shots
+    few = fewshot.evaluate_fewshot(config, model, tokenizer, workdir, shots, trained=True) if shots else None
   return {"train": summary, "results": results, "fewshot": few}

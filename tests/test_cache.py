@@ -145,18 +145,17 @@ def test_16bit_storage_rounds_once(tmp_path, dtype, rel):
   np.testing.assert_array_equal(rt.dino_global[0], got["dino_global"])
 
 
-def test_bad_entries_and_settings_are_clear_errors(tmp_path):
+def test_bad_entries_and_settings_are_clear_errors(tmp_path, caplog):
   fc = cache.FeatureCache(str(tmp_path), {"dtype": "float32", "mask_size": 4}, num_taps=2)
   rec = _record(tmp_path)
   path = fc.store(rec, _arrays(), np.zeros((4, 4)))
   with open(path, "r+b") as f:
     f.truncate(40)
-  with pytest.raises(cache.CacheError, match="unreadable feature-cache entry"):
-    fc.load(rec)
+  assert fc.load(rec) is None  # damaged: named in the log, recomputed by the caller
+  assert "unreadable feature-cache entry" in caplog.text and path in caplog.text
   fc3 = cache.FeatureCache(str(tmp_path / "three"), {"dtype": "float32", "mask_size": 4}, num_taps=3)
   fc3.store(rec, _arrays(num_taps=2), np.zeros((4, 4)))
-  with pytest.raises(cache.CacheError, match="expected"):
-    fc3.load(rec)
+  assert fc3.load(rec) is None and "expected" in caplog.text
   fp16 = cache.FeatureCache(str(tmp_path / "fp16"), {"dtype": "float16", "mask_size": 4}, num_taps=2)
   huge = {**_arrays(), "clip_global": np.full((20,), 1e6, np.float32)}  # past float16's 65504
   with pytest.raises(cache.CacheError, match="overflow float16.*bfloat16"):

@@ -320,6 +320,6 @@ def test_load_tokenizer_checks_the_bundle(hf_dir, tmp_path):
 def test_cli_reports_errors_without_traceback(tmp_path):
   (tmp_path / "x.pt").write_text("garbage")
   r = _cli("--src", tmp_path / "x.pt", "--out", tmp_path / "out")
-  assert r.returncode == 1
+  assert r.returncode == 2
   assert "convert/clip.py: error:" in r.stderr and "not a readable PyTorch checkpoint" in r.stderr
   assert "Traceback" not in r.stderr

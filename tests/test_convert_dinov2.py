@@ -180,6 +180,6 @@ def test_not_a_checkpoint_and_wrong_configs(hf_dir, tmp_path):
 
 def test_cli_reports_errors(tmp_path):
   r = run_cli(["convert/dinov2.py", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")])
-  assert r.returncode == 1
+  assert r.returncode == 2
   assert "error:" in r.stderr and "nowhere: no such file or folder" in r.stderr
   assert not (tmp_path / "b").exists()

@@ -188,6 +188,18 @@ def test_meta_bias_mask_and_periods_checks():
 
 def test_cli_reports_errors(tmp_path):
   r = run_cli(["convert/dinov3.py", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")])
-  assert r.returncode == 1
+  assert r.returncode == 2
   assert "error:" in r.stderr and "nowhere: no such file or folder" in r.stderr
   assert not (tmp_path / "b").exists()
+
+
+def test_out_is_replaced_only_with_overwrite_and_whole(hf_dir, tmp_path, capsys):
+  src, _ = hf_dir
+  out = str(tmp_path / "bundle")
+  assert conv.main(["--src", src, "--out", out]) == 0
+  open(os.path.join(out, "stale.txt"), "w").close()  # e.g. a tokenizer/ left from another conversion
+  assert conv.main(["--src", src, "--out", out]) == 2
+  assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+  assert conv.main(["--src", src, "--out", out, "--overwrite"]) == 0
+  assert sorted(os.listdir(out)) == ["config.json", "weights.safetensors"]  # nothing stale
+  assert sorted(os.listdir(tmp_path)) == ["bundle"]  # no temporary folder left

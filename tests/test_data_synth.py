@@ -89,7 +89,7 @@ def test_cli(tmp_path, capsys):
                      "--num-good", "2", "--num-anomalous", "2", "--seed", "1"]) == 0
   assert "wrote btad layout" in capsys.readouterr().out
   assert len(read_dataset("btad", out)) == 4
-  assert synth.main(["--layout", "btad", "--out", out, "--categories", "waves"]) == 1  # exists
+  assert synth.main(["--layout", "btad", "--out", out, "--categories", "waves"]) == 2  # exists
   assert "exists" in capsys.readouterr().err
-  assert synth.main(["--layout", "mvtec", "--out", out, "--categories", "marble"]) == 1
+  assert synth.main(["--layout", "mvtec", "--out", out, "--categories", "marble"]) == 2
   assert "unknown synthetic category 'marble'" in capsys.readouterr().err

@@ -135,6 +135,7 @@ def test_two_processes_with_the_feature_cache_match_one_without(tmp_path):
   data = str(tmp_path / "data")
   c = _config(data, cached=True)
   trainer.prepare_demo_data(c.train_data, c.train_data.root)
+  trainer.prepare_demo_data(c.eval_data.target, c.eval_data.target.root)  # checked before training starts
   outs = _run_two(tmp_path, data, str(tmp_path / "multi"), "cached")
   c.cache.enabled = False
   _, _, one = trainer.train(c, str(tmp_path / "one"))

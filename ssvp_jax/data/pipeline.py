@@ -38,6 +38,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+# PIL refuses images over 2 x 89.5 megapixels as "decompression bombs" (and warns above 89.5): our own,
+# documented limit replaces its check. Decoding takes about 16 bytes per pixel (float32 RGB + the file's
+# own pixels): 300 megapixels are ~5 GB. Predict and calibrate set it with --max_pixels.
+Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_PIXELS = 300_000_000
+_limits = {"max_pixels": DEFAULT_MAX_PIXELS}
+
+
+def set_max_pixels(n: int) -> None:
+  """The largest image (width x height) that `load_image` and `load_mask` decode; larger ones raise."""
+  if n < 1:
+    raise ValueError(f"--max_pixels={n}: must be >= 1")
+  _limits["max_pixels"] = int(n)
 _RESERVED = ("mask", "label", "index", "valid", "has_mask")
 
 
@@ -59,10 +73,21 @@ def _open(path: str) -> Image.Image:
   """Decodes a file fully, EXIF orientation applied; DatasetError naming the file on failure."""
   try:
     with Image.open(path) as im:
+      _check_size(path, im.width, im.height)
       im.load()
       return ImageOps.exif_transpose(im)
+  except DatasetError:
+    raise
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise DatasetError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def _check_size(path: str, width: int, height: int) -> None:
+  limit = _limits["max_pixels"]
+  if width * height > limit:
+    raise DatasetError(f"{path}: {width} x {height} = {width * height / 1e6:.0f} megapixels is over the limit of "
+                       f"{limit / 1e6:g} megapixels (--max_pixels={limit}); raise --max_pixels if the machine has "
+                       f"about 16 bytes of memory per pixel, or downscale the image")
 
 
 def load_image(path: str) -> np.ndarray:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import logging
 import os
 import shutil
 import sys
@@ -33,12 +35,16 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from ssvp_jax import faults, fileio
 from ssvp_jax.data import synth_defects
 from ssvp_jax.data import synth_textures as tex
+
+log = logging.getLogger("ssvp_jax")
 
 SOURCE_CATEGORIES = ("brick", "grass", "coffee", "grating", "checkers", "waves", "disc")
 TARGET_CATEGORIES = ("gravel", "coins", "camera", "stone", "grid", "dots")
 LAYOUTS = ("mvtec", "visa", "btad")
+MARKER = ".complete.json"  # written last, holding the generator's parameters (see `ensure`)
 _BTAD_EXTS = ((".bmp", ".png"), (".png", ".png"), (".bmp", ".bmp"))  # (image, mask) of BTAD 01, 02, 03
 
 
@@ -173,6 +179,7 @@ def generate(layout: str, out_dir: str, categories: Sequence[str] = SOURCE_CATEG
       rows += _write_visa(out_dir, cat, examples)
     else:
       _write_btad(out_dir, cat, spec.gray, examples, q % 3)
+    faults.pause_point("demo_data")  # tests kill the process here: a partly written dataset
   if layout == "visa":
     os.makedirs(os.path.join(out_dir, "split_csv"), exist_ok=True)
     with open(os.path.join(out_dir, "split_csv", "1cls.csv"), "w", newline="") as f:
@@ -180,6 +187,40 @@ def generate(layout: str, out_dir: str, categories: Sequence[str] = SOURCE_CATEG
       w.writerow(["object", "split", "label", "image", "mask"])
       w.writerows(rows)
   return {c: (num_train, num_good, num_anomalous) for c in cats}
+
+
+def ensure(layout: str, root: str, categories: Sequence[str], *, size: int, num_good: int, num_anomalous: int,
+           seed: int) -> bool:
+  """Makes `root` a complete demo dataset of these parameters; returns whether it wrote one.
+
+  The data is generated into a temporary folder beside `root`, the marker file `MARKER` (with the
+  parameters) written last, and the folder renamed to `root`: a kill at any moment leaves either
+  no `root` or a complete one. A `root` without the marker (partly written by an older version) or
+  with other parameters is regenerated; a temporary folder of a dead generator is removed.
+  """
+  params = {"layout": layout, "categories": expand_categories(categories), "size": size, "num_good": num_good,
+            "num_anomalous": num_anomalous, "seed": seed}
+  marker = os.path.join(root, MARKER)
+  if os.path.isfile(marker):
+    with open(marker) as f:
+      try:
+        if json.load(f) == params:
+          return False
+      except ValueError:
+        pass
+    log.warning("%s holds demo data of other parameters: regenerating it", root)
+  elif os.path.isdir(root) and os.listdir(root):
+    log.warning("%s holds incomplete demo data (no %s): regenerating it", root, MARKER)
+  parent = os.path.dirname(os.path.abspath(root))
+  os.makedirs(parent, exist_ok=True)
+  for path in fileio.remove_stale_temps(parent):
+    log.info("removed %s, left by an interrupted run", path)
+  log.info("writing demo data (%s layout: %s) to %s", layout, ", ".join(params["categories"]), root)
+  with fileio.atomic_dir(root) as tmp:
+    generate(layout, tmp, categories, size=size, num_good=num_good, num_anomalous=num_anomalous, seed=seed,
+             overwrite=True)
+    fileio.atomic_write_json(os.path.join(tmp, MARKER), params)
+  return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       args.seed, num_train=args.num_train, overwrite=args.overwrite)
   except (ValueError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return 2
   for cat, (tr, ok, ng) in counts.items():
     print(f"{cat:<10} train {tr:>4}  test good {ok:>4}  test anomalous {ng:>4}")
   print(f"wrote {args.layout} layout to {args.out} in {time.perf_counter() - start:.1f} s")
