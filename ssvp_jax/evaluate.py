@@ -4,6 +4,7 @@
 
 evaluates the latest checkpoint in the work directory on every `config.eval_data` entry and
 writes `eval/results.{json,csv,md}` and overlay PNGs there. Training runs the same code at its end.
+`--shots=K` runs the few-shot protocol instead (ssvp_jax/fewshot.py, docs/reference_bank.md).
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def main(argv) -> None:
   from ssvp_jax import fileio, validate
   validate.check(config, FLAGS.workdir, train=False)
   fileio.WorkdirLock(FLAGS.workdir, "evaluation").acquire()  # until exit: not while a training writes here
-  if FLAGS.shots is not None or config.get("reference", {}).get("shots", 0):
+  if FLAGS.shots is not None:
     return _fewshot_main(config, FLAGS.workdir, FLAGS.shots)
   if FLAGS.untrained:  # the baseline: the same model before training (heads at initialisation)
     from ssvp_jax.build import build_model
@@ -209,14 +210,17 @@ def main(argv) -> None:
     model, tokenizer = load_trained(config, FLAGS.workdir, move_bad=True)
     results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir)
   print(report.format_markdown(results))
+  shots = int(config.get("reference", {}).get("shots", 0))
+  if shots and not FLAGS.untrained:  # as training ends (configs/demo.py)
+    from ssvp_jax import fewshot
+    print(report.format_markdown(fewshot.evaluate_fewshot(config, model, tokenizer, FLAGS.workdir, shots, True)))
 
 
-def _fewshot_main(config: ml_collections.ConfigDict, workdir: str, shots: int | None) -> None:
+def _fewshot_main(config: ml_collections.ConfigDict, workdir: str, shots: int) -> None:
   """--shots=K: the few-shot protocol (ssvp_jax/fewshot.py), fused on a trained work directory,
   bank only on one that was never trained."""
-  from ssvp_jax import fewshot, inference, reference
+  from ssvp_jax import fewshot, inference
   from ssvp_jax.build import build_model
-  shots = shots if shots is not None else reference.settings(config).shots
   if shots < 1:
     raise UserError(f"--shots={shots}: give K >= 1 references per category")
   trained = os.path.isdir(os.path.join(workdir, "checkpoints")) and inference.checkpoint_step(workdir) is not None
@@ -236,5 +240,6 @@ if __name__ == "__main__":
                     "baseline) into workdir/eval_untrained instead of the trained checkpoint.")
   flags.DEFINE_integer("shots", None, "Few-shot protocol: K good references per category from the normal "
                        "training images, config.reference.seeds seeds, into workdir/eval_{K}shot (bank only "
-                       "when the work directory has no checkpoint). Default: config.reference.shots (0: off).")
+                       "when the work directory has no checkpoint) instead of the zero-shot evaluation. "
+                       "Without it, config.reference.shots > 0 adds those rows after the zero-shot ones.")
   cli.run(main)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from factory_support import tiny_config, trained_workdir  # noqa: F401
+from factory_support import run_python, tiny_config, trained_workdir  # noqa: F401
 from ssvp_jax import evaluate, fewshot
 
 
@@ -62,3 +62,12 @@ def test_trained_rows_fuse_the_zero_shot_row(trained_workdir, tmp_path):  # noqa
   for cat, entry in only["target/fused-1shot"].items():
     for k in ("image_auroc", "pixel_auroc"):
       np.testing.assert_allclose(entry[k], only["target/bank-1shot"][cat][k], atol=1e-9)
+
+
+def test_cli_shots_on_a_never_trained_workdir(tmp_path, tmp_path_factory):
+  workdir = str(tmp_path / "fresh")
+  res = run_python(["-m", "ssvp_jax.evaluate", "--config=configs/tiny.py", f"--workdir={workdir}", "--shots=1",
+                    "--config.reference.seeds=1"], tmp_path_factory)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "target/bank-1shot" in res.stdout and "fused" not in res.stdout
+  assert os.path.isfile(os.path.join(workdir, "eval_1shot", "results.csv"))
