@@ -7,7 +7,8 @@ writes into --out:
                         s_local, seconds, overlay, map, error
   overlays/<name>.png   the image blended with its map on a fixed colour scale (0 blue .. 1 red), with
                         a magenta contour where the map reaches the pixel threshold
-  maps/<name>.npy       the raw map, float32 [S, S] at the model's resolution (S = config.clip.image_size)
+  maps/<name>.npy       the raw map, float32 [S, S] at the model's resolution (S = config.clip.image_size);
+                        with --tile, float32 [H, W] stitched at the image's full resolution (see tiling.py)
 
 <name> is the file's path relative to the inputs' common folder, without its extension. Decisions
 ("defective" when score >= the image threshold, else "good") need thresholds: from
@@ -29,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ssvp_jax import inference, report
+from ssvp_jax import inference, report, tiling
 
 log = logging.getLogger("ssvp_jax")
 
@@ -56,12 +57,19 @@ def _cell(v: float) -> str:
 
 
 def predict(engine: inference.Engine, paths: Sequence[str], out_dir: str, *, image_threshold: float | None = None,
-            pixel_threshold: float | None = None, batch_size: int = 8, workers: int = 4) -> list[dict[str, Any]]:
-  """Scores `paths`, writes overlays, maps and predictions.csv into `out_dir`; returns the CSV rows."""
+            pixel_threshold: float | None = None, batch_size: int = 8, workers: int = 4, tile: int | None = None,
+            overlap: int = 0) -> list[dict[str, Any]]:
+  """Scores `paths`, writes overlays, maps and predictions.csv into `out_dir`; returns the CSV rows.
+
+  With `tile`, each image is scored as overlapping tile x tile tiles and one stitched map (tiling.py).
+  """
   os.makedirs(out_dir, exist_ok=True)
   names = output_names(paths)
   rows = []
-  results = inference.score_files(engine, paths, batch_size, workers, keep_image=True)
+  if tile:
+    results = tiling.score_files(engine, paths, tile, overlap, batch_size, keep_image=True)
+  else:
+    results = inference.score_files(engine, paths, batch_size, workers, keep_image=True)
   # Rows are written as they come, so a long run that is stopped keeps what it scored.
   with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -137,13 +145,19 @@ def main(argv) -> int:
   elif cal and cal.get("category") != category:
     log.warning("calibration.json was made for category %r, predicting with %r: its thresholds may not fit",
                 cal.get("category"), category)
+  if FLAGS.tile is not None:
+    try:
+      tiling.check_args(FLAGS.tile, FLAGS.overlap)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   engine = inference.load_engine(FLAGS.workdir, category, FLAGS.config)
   img_thr, pix_thr = _thresholds(FLAGS, cal, engine.step)
   if img_thr is None:
     log.warning("no image threshold (run python -m ssvp_jax.calibrate or pass --image_threshold): "
                 "predictions.csv has scores but no decisions")
   rows = predict(engine, paths, out_dir, image_threshold=img_thr, pixel_threshold=pix_thr,
-                 batch_size=FLAGS.batch_size or engine.config.eval.batch_size, workers=FLAGS.workers)
+                 batch_size=FLAGS.batch_size or engine.config.eval.batch_size, workers=FLAGS.workers,
+                 tile=FLAGS.tile, overlap=FLAGS.overlap)
   failed = [r for r in rows if r["error"]]
   flagged = sum(r["decision"] == "defective" for r in rows)
   decided = f", {flagged} defective at threshold {img_thr:.6g}" if img_thr is not None else ""
@@ -164,4 +178,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "Output folder.", required=True)
   flags.DEFINE_float("image_threshold", None, "Decision threshold on the image score (default: calibration.json).")
   flags.DEFINE_float("pixel_threshold", None, "Contour threshold on the maps (default: calibration.json).")
+  flags.DEFINE_integer("tile", None, "Score large images as overlapping T x T pixel tiles at the model's "
+                       "resolution and stitch one full-resolution map (default: whole-image resize).")
+  flags.DEFINE_integer("overlap", 0, "Overlap of neighbouring tiles in pixels (with --tile), blended linearly.")
   app.run(main)
