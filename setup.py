@@ -23,7 +23,7 @@ RUNTIME = [
     "flatbuffers",  # jax.export's serialisation format
 ]
 CONVERT = ["torch==2.13.0", "safetensors", "transformers>=4.56"]
-TEST = CONVERT + ["pytest", "pytest-xdist"]
+TEST = CONVERT + ["pytest", "pytest-xdist", "selenium==4.50.0"]  # selenium drives Debian's chromium (.ci/run)
 # ONNX export and runtimes (issue 14). jax2onnx itself is installed apart, `pip install --no-deps
 # jax2onnx==0.17.1`: its metadata pins orbax-checkpoint<0.11.37, which would downgrade ours, and it does not
 # import orbax (or netron, orbax-export). These are what it and the runtimes import:
@@ -41,6 +41,7 @@ setup(
         "convert": CONVERT,
         "test": TEST,
         "onnx": ONNX,
+        "app": ["gradio==6.31.0"],  # python -m ssvp_jax.app
         "tfds": ["tensorflow-datasets>=4.9.10", "array_record>=0.8.6", "importlib_resources"],
         "cuda": ["jax[cuda12]"],
     },

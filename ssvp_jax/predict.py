@@ -82,6 +82,14 @@ def predict(engine: inference.Engine, paths: Sequence[str], out_dir: str, *, ima
   return rows
 
 
+def overlay(r: inference.Scored, pixel_threshold: float | None) -> np.ndarray:
+  """uint8 [h, w, 3]: the image (at overlay size) blended with its map on the reports' fixed colour scale
+  (0 blue .. 1 red), with the pixel threshold's contour in magenta."""
+  h, w = r.image.shape[:2]
+  big_map = inference.resize_hw(r.map, h, w, Image.Resampling.BILINEAR)  # [h, w] at overlay size
+  return report.overlay_array(r.image, np.clip(big_map, 0.0, 1.0), vmin=0.0, vmax=1.0, threshold=pixel_threshold)
+
+
 def _write_outputs(r: inference.Scored, out_dir: str, name: str, image_threshold: float | None,
                    pixel_threshold: float | None) -> dict[str, Any]:
   """Writes one image's map and overlay; returns its CSV row."""
@@ -96,10 +104,8 @@ def _write_outputs(r: inference.Scored, out_dir: str, name: str, image_threshold
   overlay_path = os.path.join(out_dir, "overlays", name + ".png")
   os.makedirs(os.path.dirname(map_path), exist_ok=True)
   np.save(map_path, r.map.astype(np.float32))
-  h, w = r.image.shape[:2]
-  big_map = inference.resize_hw(r.map, h, w, Image.Resampling.BILINEAR)  # [h, w] at overlay size
-  report.save_overlay(overlay_path, r.image, np.clip(big_map, 0.0, 1.0), vmin=0.0, vmax=1.0,
-                      threshold=pixel_threshold)
+  os.makedirs(os.path.dirname(overlay_path), exist_ok=True)
+  Image.fromarray(overlay(r, pixel_threshold)).save(overlay_path, format="PNG")
   x, y = inference.max_location(r.map, r.height, r.width)
   row.update(score=_cell(r.score), s_global=_cell(r.s_global), s_local=_cell(r.s_local), max_x=x, max_y=y,
              max_value=_cell(r.map.max()), overlay=overlay_path, map=map_path,
