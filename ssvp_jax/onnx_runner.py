@@ -56,19 +56,18 @@ class OnnxModel(Artifact):
     if not os.path.isfile(path):
       raise ValueError(f"{path}: no such file")
     self.engine, self.precision = engine, precision
+    load = self._load_onnxruntime if engine == "onnxruntime" else self._load_openvino
     try:
-      if engine == "onnxruntime":
-        self._load_onnxruntime(path, threads)
-      else:
-        self._load_openvino(path, precision, threads)
+      load(path, precision, threads)
     except ImportError:
-      raise
+      raise  # the runtime is not installed: say so, not "not an ONNX model"
     except Exception as e:  # noqa: BLE001  (each runtime has its own error types)
       raise ValueError(f"{path}: not an ONNX model {engine} can load ({type(e).__name__}: {e})") from None
     if self.meta.get("format") != FORMAT:
       raise ValueError(f"{path}: format {self.meta.get('format')!r}, this runner reads {FORMAT!r}")
 
-  def _load_onnxruntime(self, path: str, threads: int | None) -> None:
+  def _load_onnxruntime(self, path: str, precision: str, threads: int | None) -> None:
+    del precision  # float32 only (checked above)
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
