@@ -8,15 +8,16 @@ fraction of the machine's matmul peak, measured in the same run.
 
 --engines (issue 14) times the whole inference function of the artifacts (`export.inference_function`:
 resizing, both backbones, heads, map, scores; images [b, S, S, 3] in) on each engine, in one process,
-alternating within each repetition, same threads:
+same threads:
   jax            the function jitted (what predict and the .jaxexport artifact run)
   onnxruntime    its ONNX conversion (onnx_export), CPU provider, all graph optimisations
   openvino_f32   the same ONNX file, OpenVINO CPU, INFERENCE_PRECISION_HINT=f32
   openvino_bf16  the same, INFERENCE_PRECISION_HINT=bf16 (AMX where the CPU has it)
   torch          transformers' PyTorch CLIP vision tower + DINOv3 of the same shapes, backbones only
                  (no resizing, heads or map: a lower bound for any PyTorch SSVP), random weights
-The table gives images/s, the ratio to the PyTorch backbones, and each engine's largest difference
-from JAX on the score and the map (same random images).
+The engines run one after another, each loaded only for its turn (one copy of the weights in memory
+at a time); the load average after each is printed. The table gives images/s, the ratio to the PyTorch
+backbones, and each engine's largest difference from JAX on the score and the map (same images).
 
 Full size builds both ViT-L backbones with random weights (the bundle format's modules, no
 download; speed does not depend on the values) and fresh heads from `configs/base.py`. The
@@ -32,6 +33,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -198,8 +200,8 @@ def print_result(r: dict) -> None:
         f"device {r['device']}")
 
 
-def engine_runs(args: argparse.Namespace, threads: int, tmp: str) -> tuple[dict, dict, dict]:
-  """({engine: run() -> outputs}, {engine: what runs}, {engine: its map/score on the images, or None})."""
+def engine_factories(args: argparse.Namespace, threads: int, tmp: str) -> list[tuple[str, str, Callable]]:
+  """[(engine, what runs, make() -> run() -> outputs)]; each engine is built only when its turn comes."""
   import jax
   import numpy as np
 
@@ -211,45 +213,56 @@ def engine_runs(args: argparse.Namespace, threads: int, tmp: str) -> tuple[dict,
                             views(config), None, tokenizer)
   size = engine.map_size
   images = np.random.default_rng(0).random((args.batch, size, size, 3)).astype(np.float32)
-  runs, what = {}, {}
-  if "jax" in args.engines:
-    fn, weights = export.inference_function(engine, size)
-    jitted, w = jax.jit(fn), jax.device_put(weights)
-    runs["jax"], what["jax"] = (lambda: jitted(w, images)), "whole function, jax.jit"
-  onnx_engines = [e for e in args.engines if e in ("onnxruntime", "openvino_f32", "openvino_bf16")]
-  if onnx_engines:
-    from ssvp_jax.onnx_runner import OnnxModel
-    path = os.path.join(tmp, "bench.onnx")
+  path = os.path.join(tmp, "bench.onnx")
+  if any(e.startswith(("onnxruntime", "openvino")) for e in args.engines):
     t0 = time.perf_counter()
     onnx_export.export_onnx(engine, path)
     print(f"# ONNX conversion {time.perf_counter() - t0:.1f} s")
-    for e in onnx_engines:
-      name, _, precision = e.partition("_")
-      m = OnnxModel(path, name, precision or "f32", threads)
-      runs[e], what[e] = (lambda m=m: m(images)), "whole function, ONNX"
-  if "torch" in args.engines:
+
+  def make_jax():
+    fn, weights = export.inference_function(engine, size)
+    jitted, w = jax.jit(fn), jax.device_put(weights)
+    return lambda: jitted(w, images)
+
+  def make_onnx(name: str, precision: str):
+    from ssvp_jax.onnx_runner import OnnxModel
+    m = OnnxModel(path, name, precision, threads)
+    return lambda: m(images)
+
+  def make_torch():
     import torch
     common.torch_threads(threads)
     fwd = []
     for spec in backbone_specs(model, config):
       tm, _ = common.torch_model(spec)
       fwd.append((common.torch_forward(spec, tm), torch.randn(args.batch, 3, spec.size, spec.size)))
-    runs["torch"], what["torch"] = (lambda: [f(x) for f, x in fwd]), "backbones only, transformers"
-  outputs = {}
-  for e, run in runs.items():
-    out = run()
-    outputs[e] = {k: np.asarray(out[k]) for k in ("map", "score")} if e != "torch" else None
-  return runs, what, outputs
+    return lambda: [f(x) for f, x in fwd]
+
+  makers = {"jax": ("whole function, jax.jit", make_jax),
+            "onnxruntime": ("whole function, ONNX", lambda: make_onnx("onnxruntime", "f32")),
+            "openvino_f32": ("whole function, ONNX", lambda: make_onnx("openvino", "f32")),
+            "openvino_bf16": ("whole function, ONNX", lambda: make_onnx("openvino", "bf16")),
+            "torch": ("backbones only, transformers", make_torch)}
+  return [(e, *makers[e]) for e in ENGINES if e in args.engines]
 
 
 def measure_engines(args: argparse.Namespace, threads: int) -> list[dict]:
-  """Times the engines alternately; prints and returns one row per engine."""
+  """Times the engines one after another (one engine's copy of the weights in memory at a time, the
+  machine being shared); prints and returns one row per engine."""
+  import gc
   import tempfile
 
   import numpy as np
+  times, what, outputs, loads = {}, {}, {}, {}
   with tempfile.TemporaryDirectory() as tmp:
-    runs, what, outputs = engine_runs(args, threads, tmp)
-    times = common.time_alternating(runs, reps=args.reps, warmup=1)
+    for e, what[e], make in engine_factories(args, threads, tmp):
+      run = make()
+      out = run()
+      outputs[e] = None if e == "torch" else {k: np.asarray(out[k]) for k in ("map", "score")}
+      times[e] = common.time_alternating({e: run}, reps=args.reps, warmup=1)[e]
+      loads[e] = common.load_avg()
+      del run, out
+      gc.collect()
   ref = outputs.get("jax")
   base = common.median(times["torch"]) if "torch" in times else None
   rows = []
@@ -266,7 +279,8 @@ def measure_engines(args: argparse.Namespace, threads: int) -> list[dict]:
                       "max |d map| vs JAX"],
                      [[r["engine"], r["what"], f"{r['step_s']:.4f}", f"{r['ips']:.3f}", fmt(r["vs_torch"], ".2f") +
                        ("x" if r["vs_torch"] else ""), fmt(r["d_score"], ".1e"), fmt(r["d_map"], ".1e")] for r in rows])
-  print(f"# steps: " + "; ".join(f"{e} {['%.3f' % t for t in ts]}" for e, ts in times.items()))
+  for e, ts in times.items():
+    print(f"# {e}: steps {['%.3f' % t for t in ts]}, {loads[e]} after it")
   return rows
 
 
