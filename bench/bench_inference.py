@@ -16,7 +16,9 @@ same threads:
   torch          transformers' PyTorch CLIP vision tower + DINOv3 of the same shapes, backbones only
                  (no resizing, heads or map: a lower bound for any PyTorch SSVP), random weights
 The engines run one after another, each loaded only for its turn (one copy of the weights in memory
-at a time); the load average after each is printed. The table gives images/s, the ratio to the PyTorch
+at a time); the load average after each is printed. Caveat (docs/deployment.md): runtimes loaded
+earlier in the process disturb later ones (thread pools), so for fair speeds run one engine per
+invocation, e.g. --engines onnxruntime. The table gives images/s, the ratio to the PyTorch
 backbones, and each engine's largest difference from JAX on the score and the map (same images).
 
 Full size builds both ViT-L backbones with random weights (the bundle format's modules, no
