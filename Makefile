@@ -11,7 +11,9 @@ $(VENV)/.installed: setup.py
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: the CPU wheel on local disk, never the multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,tfds]'
+	$(PIP) install -q -e '.[test,tfds,onnx,app]'
+	# jax2onnx without its dependency metadata (it pins orbax-checkpoint<0.11.37; see setup.py's ONNX).
+	$(PIP) install -q --no-deps jax2onnx==0.17.1
 	touch $@
 
 install: $(VENV)/.installed

@@ -4,6 +4,22 @@ fraction of the machine's matmul peak, measured in the same run.
     .venv/bin/python bench/bench_inference.py                  # full size: ViT-L/14 @518 + ViT-L/16 @592
     .venv/bin/python bench/bench_inference.py --small          # the demo config's random backbones
     .venv/bin/python bench/bench_inference.py --smoke          # the tiny config (a test of the script)
+    .venv/bin/python bench/bench_inference.py --small --engines all --reps 5   # deployment engines, one run
+
+--engines (issue 14) times the whole inference function of the artifacts (`export.inference_function`:
+resizing, both backbones, heads, map, scores; images [b, S, S, 3] in) on each engine, in one process,
+same threads:
+  jax            the function jitted (what predict and the .jaxexport artifact run)
+  onnxruntime    its ONNX conversion (onnx_export), CPU provider, all graph optimisations
+  openvino_f32   the same ONNX file, OpenVINO CPU, INFERENCE_PRECISION_HINT=f32
+  openvino_bf16  the same, INFERENCE_PRECISION_HINT=bf16 (AMX where the CPU has it)
+  torch          transformers' PyTorch CLIP vision tower + DINOv3 of the same shapes, backbones only
+                 (no resizing, heads or map: a lower bound for any PyTorch SSVP), random weights
+The engines run one after another, each loaded only for its turn (one copy of the weights in memory
+at a time); the load average after each is printed. Caveat (docs/deployment.md): runtimes loaded
+earlier in the process disturb later ones (thread pools), so for fair speeds run one engine per
+invocation, e.g. --engines onnxruntime. The table gives images/s, the ratio to the PyTorch
+backbones, and each engine's largest difference from JAX on the score and the map (same images).
 
 Full size builds both ViT-L backbones with random weights (the bundle format's modules, no
 download; speed does not depend on the values) and fresh heads from `configs/base.py`. The
@@ -19,9 +35,13 @@ import argparse
 import os
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+
+
+ENGINES = ("jax", "onnxruntime", "openvino_f32", "openvino_bf16", "torch")
 
 
 def add_args(p: argparse.ArgumentParser, *, batch: int, reps: int, dtype: str, peak_n: int) -> None:
@@ -39,7 +59,14 @@ def parse(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   add_args(p, batch=1, reps=3, dtype="float32", peak_n=4096)
   p.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all)")
+  p.add_argument("--engines", default=None, help=f"comma-separated from {','.join(ENGINES)}, or 'all': time the "
+                 "deployment engines instead of the FLOP measurement")
   args = p.parse_args(argv)
+  if args.engines:
+    args.engines = list(ENGINES) if args.engines == "all" else args.engines.split(",")
+    unknown = sorted(set(args.engines) - set(ENGINES))
+    if unknown:
+      p.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
   if args.smoke:
     args.reps, args.peak_n = 1, min(args.peak_n, 256)
   return args
@@ -175,13 +202,100 @@ def print_result(r: dict) -> None:
         f"device {r['device']}")
 
 
-def main(argv=None) -> dict:
+def engine_factories(args: argparse.Namespace, threads: int, tmp: str) -> list[tuple[str, str, Callable]]:
+  """[(engine, what runs, make() -> run() -> outputs)]; each engine is built only when its turn comes."""
+  import jax
+  import numpy as np
+
+  from ssvp_jax import export, inference, onnx_export
+  from ssvp_jax.trainer import views
+  config = get_config(args)
+  model, tokenizer = build(config)
+  engine = inference.Engine(model, config, "bottle", inference.category_table(model, tokenizer, config, "bottle"),
+                            views(config), None, tokenizer)
+  size = engine.map_size
+  images = np.random.default_rng(0).random((args.batch, size, size, 3)).astype(np.float32)
+  path = os.path.join(tmp, "bench.onnx")
+  if any(e.startswith(("onnxruntime", "openvino")) for e in args.engines):
+    t0 = time.perf_counter()
+    onnx_export.export_onnx(engine, path)
+    print(f"# ONNX conversion {time.perf_counter() - t0:.1f} s")
+
+  def make_jax():
+    fn, weights = export.inference_function(engine, size)
+    jitted, w = jax.jit(fn), jax.device_put(weights)
+    return lambda: jitted(w, images)
+
+  def make_onnx(name: str, precision: str):
+    from ssvp_jax.onnx_runner import OnnxModel
+    m = OnnxModel(path, name, precision, threads)
+    return lambda: m(images)
+
+  def make_torch():
+    import torch
+    common.torch_threads(threads)
+    fwd = []
+    for spec in backbone_specs(model, config):
+      tm, _ = common.torch_model(spec)
+      fwd.append((common.torch_forward(spec, tm), torch.randn(args.batch, 3, spec.size, spec.size)))
+    return lambda: [f(x) for f, x in fwd]
+
+  makers = {"jax": ("whole function, jax.jit", make_jax),
+            "onnxruntime": ("whole function, ONNX", lambda: make_onnx("onnxruntime", "f32")),
+            "openvino_f32": ("whole function, ONNX", lambda: make_onnx("openvino", "f32")),
+            "openvino_bf16": ("whole function, ONNX", lambda: make_onnx("openvino", "bf16")),
+            "torch": ("backbones only, transformers", make_torch)}
+  return [(e, *makers[e]) for e in ENGINES if e in args.engines]
+
+
+def measure_engines(args: argparse.Namespace, threads: int) -> list[dict]:
+  """Times the engines one after another (one engine's copy of the weights in memory at a time, the
+  machine being shared); prints and returns one row per engine."""
+  import gc
+  import tempfile
+
+  import numpy as np
+  times, what, outputs, loads = {}, {}, {}, {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for e, what[e], make in engine_factories(args, threads, tmp):
+      run = make()
+      out = run()
+      outputs[e] = None if e == "torch" else {k: np.asarray(out[k]) for k in ("map", "score")}
+      times[e] = common.time_alternating({e: run}, reps=args.reps, warmup=1)[e]
+      loads[e] = common.load_avg()
+      del run, out
+      gc.collect()
+  ref = outputs.get("jax")
+  base = common.median(times["torch"]) if "torch" in times else None
+  rows = []
+  for e, ts in times.items():
+    step = common.median(ts)
+    row = dict(engine=e, what=what[e], step_s=step, ips=args.batch / step,
+               vs_torch=None if base is None else base / step, d_score=None, d_map=None)
+    if ref is not None and outputs[e] is not None:
+      row.update(d_score=float(np.abs(outputs[e]["score"] - ref["score"]).max()),
+                 d_map=float(np.abs(outputs[e]["map"] - ref["map"]).max()))
+    rows.append(row)
+  fmt = lambda x, f: "-" if x is None else format(x, f)
+  common.print_table(["engine", "runs", "s/batch (median)", "img/s", "vs PyTorch backbones", "max |d score| vs JAX",
+                      "max |d map| vs JAX"],
+                     [[r["engine"], r["what"], f"{r['step_s']:.4f}", f"{r['ips']:.3f}", fmt(r["vs_torch"], ".2f") +
+                       ("x" if r["vs_torch"] else ""), fmt(r["d_score"], ".1e"), fmt(r["d_map"], ".1e")] for r in rows])
+  for e, ts in times.items():
+    print(f"# {e}: steps {['%.3f' % t for t in ts]}, {loads[e]} after it")
+  return rows
+
+
+def main(argv=None):
   args = parse(argv)
-  common.pin_threads(args.threads)
-  print(f"# SSVP inference (evaluate.eval_step), {common.machine()}")
+  threads = common.pin_threads(args.threads)
+  what = "deployment engines" if args.engines else "evaluate.eval_step"
+  print(f"# SSVP inference ({what}), config {'tiny' if args.smoke else 'demo' if args.small else 'full'}, "
+        f"batch {args.batch}, {common.machine()}")
   print(f"# {common.load_avg()} (start)")
-  r = measure(args)
-  print_result(r)
+  r = measure_engines(args, threads) if args.engines else measure(args)
+  if not args.engines:
+    print_result(r)
   print(f"# {common.load_avg()} (end)")
   return r
 

@@ -2,6 +2,7 @@
 
     python -m ssvp_jax.export --workdir=runs/demo --out=runs/demo/model.jaxexport [--size=224]
     python -m ssvp_jax.jaxexport_runner runs/demo/model.jaxexport photo.jpg     # needs only jax + numpy
+    python -m ssvp_jax.export --workdir=runs/demo --out=runs/demo/model.onnx --format=onnx   # see onnx_export
 
 The exported function takes RGB images `float32 [b, S, S, 3]` with values in [0, 1] (b symbolic: any
 batch size; S = --size, default config.clip.image_size) and computes everything the Python model does:
@@ -128,6 +129,31 @@ def _storable(x: jax.Array) -> tuple[np.ndarray, str]:
   return a, a.dtype.name
 
 
+def artifact_meta(engine: inference.Engine, size: int, calibration: dict[str, Any] | None) -> dict[str, Any]:
+  """What an artifact (.jaxexport or ONNX) says about itself: sizes, category, views, thresholds."""
+  from ssvp_jax import __version__
+  meta = {
+      "format": FORMAT, "ssvp_jax_version": __version__, "jax_version": jax.__version__,
+      "input_size": size, "input": "float32 [b, S, S, 3] RGB in [0, 1]",
+      "map_size": engine.map_size, "outputs": ["map", "score", "s_global", "s_local"],
+      "score": "S_final (Eq. 19)", "category": engine.category,
+      "class_words": engine.config.model.class_words, "sigma": engine.sigma, "checkpoint_step": engine.step,
+      "views": [{"name": v.name, "size": v.size, "mean": list(v.mean), "std": list(v.std)} for v in engine.views],
+      "image_threshold": None, "pixel_threshold": None,
+      "reference": None if engine.bank is None else {
+          k: engine.bank_meta.get(k) for k in ("num_references", "weight", "fingerprint")}}
+  if engine.bank is not None:
+    meta["outputs"].append("bank_score")
+    meta["score"] = "S_final (Eq. 19) fused with the reference bank's score (ssvp_jax/reference.py)"
+  if calibration:
+    if calibration.get("category") not in (None, engine.category):
+      log.warning("calibration.json was made for category %r, exporting %r: thresholds left out",
+                  calibration.get("category"), engine.category)
+    else:
+      meta.update(image_threshold=calibration["image_threshold"], pixel_threshold=calibration["pixel_threshold"])
+  return meta
+
+
 def export_model(engine: inference.Engine, out_path: str, input_size: int | None = None,
                  platforms: Sequence[str] = DEFAULT_PLATFORMS, calibration: dict[str, Any] | None = None
                  ) -> dict[str, Any]:
@@ -149,26 +175,8 @@ def export_model(engine: inference.Engine, out_path: str, input_size: int | None
   unused = len(weights) - len(exported.module_kept_var_idx) + 1  # + 1: the images argument
   if unused:
     log.warning("%d exported weights are not used by the function", unused)
-  from ssvp_jax import __version__
-  meta = {
-      "format": FORMAT, "ssvp_jax_version": __version__, "jax_version": jax.__version__,
-      "platforms": list(exported.platforms), "input_size": size, "input": "float32 [b, S, S, 3] RGB in [0, 1]",
-      "map_size": engine.map_size, "outputs": ["map", "score", "s_global", "s_local"],
-      "score": "S_final (Eq. 19)", "category": engine.category,
-      "class_words": engine.config.model.class_words, "sigma": engine.sigma, "checkpoint_step": engine.step,
-      "views": [{"name": v.name, "size": v.size, "mean": list(v.mean), "std": list(v.std)} for v in engine.views],
-      "image_threshold": None, "pixel_threshold": None, "num_weights": len(weights),
-      "reference": None if engine.bank is None else {
-          k: engine.bank_meta.get(k) for k in ("num_references", "weight", "fingerprint")}}
-  if engine.bank is not None:
-    meta["outputs"].append("bank_score")
-    meta["score"] = "S_final (Eq. 19) fused with the reference bank's score (ssvp_jax/reference.py)"
-  if calibration:
-    if calibration.get("category") not in (None, engine.category):
-      log.warning("calibration.json was made for category %r, exporting %r: thresholds left out",
-                  calibration.get("category"), engine.category)
-    else:
-      meta.update(image_threshold=calibration["image_threshold"], pixel_threshold=calibration["pixel_threshold"])
+  meta = artifact_meta(engine, size, calibration)
+  meta.update(platforms=list(exported.platforms), num_weights=len(weights))
   arrays = {"function": np.frombuffer(bytes(exported.serialize()), np.uint8)}
   meta["weight_dtypes"] = []
   for i, w in enumerate(weights):
@@ -199,14 +207,24 @@ def main(argv) -> int:
   from ssvp_jax.calibrate import load_calibration
   from ssvp_jax.cli import FLAGS, setup
   setup()
-  fileio.check_output(FLAGS.out, FLAGS.overwrite, ".jaxexport artifact", is_artifact, folder=False)
+  if FLAGS.format == "onnx":
+    from ssvp_jax import onnx_export
+    fileio.check_output(FLAGS.out, FLAGS.overwrite, "ONNX model", onnx_export.is_onnx_model, folder=False)
+  else:
+    fileio.check_output(FLAGS.out, FLAGS.overwrite, ".jaxexport artifact", is_artifact, folder=False)
   cal = load_calibration(FLAGS.workdir)
   category = FLAGS.category if FLAGS["category"].present or not cal else cal.get("category", FLAGS.category)
   engine = inference.load_engine(FLAGS.workdir, category, FLAGS.config, use_reference=not FLAGS.no_reference)
-  meta = export_model(engine, FLAGS.out, FLAGS.size, [p for p in FLAGS.platforms.split(",") if p], cal)
+  if FLAGS.format == "onnx":
+    from ssvp_jax import onnx_export
+    meta = onnx_export.export_onnx(engine, FLAGS.out, FLAGS.size, cal)
+    where = f"ONNX opset {meta['opset']}, checkpoint {meta['checkpoint_fingerprint']}"
+  else:
+    meta = export_model(engine, FLAGS.out, FLAGS.size, [p for p in FLAGS.platforms.split(",") if p], cal)
+    where = f"platforms {','.join(meta['platforms'])}"
   thr = "" if meta["image_threshold"] is None else f", image threshold {meta['image_threshold']:.6g}"
   print(f"wrote {FLAGS.out}: input float32 [b, {meta['input_size']}, {meta['input_size']}, 3] in [0, 1], "
-        f"platforms {','.join(meta['platforms'])}, category {meta['category']!r}{thr}")
+        f"{where}, category {meta['category']!r}{thr}")
   return 0
 
 
@@ -214,8 +232,10 @@ if __name__ == "__main__":
   from absl import flags
 
   import ssvp_jax.cli  # --config, --workdir, --verbose; run()
-  flags.DEFINE_string("out", None, "Artifact path, e.g. model.jaxexport.", required=True)
-  flags.DEFINE_bool("overwrite", False, "Replace --out when it is an existing .jaxexport artifact.")
+  flags.DEFINE_string("out", None, "Artifact path, e.g. model.jaxexport or model.onnx.", required=True)
+  flags.DEFINE_bool("overwrite", False, "Replace --out when it is an existing artifact of the same format.")
+  flags.DEFINE_enum("format", "jaxexport", ["jaxexport", "onnx"], "jaxexport: jax.export artifact (runs with "
+                    "jax); onnx: ONNX model for onnxruntime / OpenVINO (needs the [onnx] extra).")
   flags.DEFINE_string("category", inference.DEFAULT_CATEGORY, "Category word baked into the prompts "
                       "(default 'object', or the calibrated one).")
   flags.DEFINE_bool("no_reference", False, "Leave the category's stored reference bank out (zero-shot only).")

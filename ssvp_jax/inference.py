@@ -173,6 +173,11 @@ def overlay_shape(height: int, width: int, map_size: int) -> tuple[int, int]:
   return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def overlay_image(image: np.ndarray, map_size: int) -> np.ndarray:
+  """float [H, W, 3] -> the overlay's background [h, w, 3] (`overlay_shape`), bicubic, in [0, 1]."""
+  return np.clip(resize_hw(image, *overlay_shape(*image.shape[:2], map_size), Image.Resampling.BICUBIC), 0, 1)
+
+
 def resize_hw(array: np.ndarray, height: int, width: int, resample: Image.Resampling) -> np.ndarray:
   """float [H, W] or [H, W, C] -> [height, width(, C)] with PIL's float resampling, channel by channel."""
   if array.shape[:2] == (height, width):
@@ -182,20 +187,27 @@ def resize_hw(array: np.ndarray, height: int, width: int, resample: Image.Resamp
   return np.stack([resize_hw(array[:, :, c], height, width, resample) for c in range(array.shape[2])], axis=2)
 
 
+def read_file(path: str) -> tuple[np.ndarray | None, str | None]:
+  """(float [H, W, 3] in [0, 1], None), or (None, the reason naming the file) when it cannot be decoded."""
+  try:
+    return load_image(path), None
+  except DatasetError as e:
+    return None, str(e)
+  except (OSError, ValueError) as e:  # permissions, odd pixel layouts PIL decodes but cannot convert
+    return None, f"{path}: cannot read ({type(e).__name__}: {e})"
+
+
 def _load(engine: Engine, path: str, keep_image: bool):
   """Decodes and preprocesses one file (runs in a worker thread)."""
   t0 = time.perf_counter()
-  try:
-    image = load_image(path)  # [H, W, 3]
-  except DatasetError as e:
-    return path, str(e), None, time.perf_counter() - t0
-  except (OSError, ValueError) as e:  # permissions, odd pixel layouts PIL decodes but cannot convert
-    return path, f"{path}: cannot read ({type(e).__name__}: {e})", None, time.perf_counter() - t0
+  image, error = read_file(path)  # [H, W, 3]
+  if error:
+    return path, error, None, time.perf_counter() - t0
   h, w = image.shape[:2]
   clip, dino = engine.preprocess(image)
   small = None
   if keep_image:
-    small = np.clip(resize_hw(image, *overlay_shape(h, w, engine.map_size), Image.Resampling.BICUBIC), 0, 1)
+    small = overlay_image(image, engine.map_size)
   return path, None, (clip, dino, h, w, small), time.perf_counter() - t0
 
 

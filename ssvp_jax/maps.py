@@ -34,9 +34,28 @@ def gaussian_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarra
   return g.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=16)
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out_size, in_size] matrix U with U @ x == jax.image.resize(x, (out_size,), "bilinear").
+
+  Half-pixel centres (PyTorch align_corners=False); taps outside the input are dropped and the rest
+  renormalised, which clamps at the edges; when reducing, the triangle widens by the scale
+  (jax.image.resize's antialiasing). As a matrix, the map upsampling is two small matmuls with any
+  batch size, which every exporter can lower (ONNX has no resize with a symbolic batch in jax2onnx).
+  """
+  scale = out_size / in_size
+  widen = max(1.0, 1.0 / scale)
+  centres = (np.arange(out_size) + 0.5) / scale - 0.5  # output pixel centres in input coordinates
+  w = np.maximum(0.0, 1.0 - np.abs(np.arange(in_size)[None, :] - centres[:, None]) / widen)
+  total = w.sum(axis=1, keepdims=True)
+  return (w / np.where(total > 0, total, 1.0)).astype(np.float32)
+
+
 def upsample(maps: jax.Array, size: int) -> jax.Array:
   """[B, h, w] -> [B, size, size], bilinear with half-pixel centres (PyTorch align_corners=False)."""
-  return jax.image.resize(maps, (maps.shape[0], size, size), "bilinear")
+  rows = jnp.asarray(bilinear_matrix(maps.shape[1], size))
+  cols = jnp.asarray(bilinear_matrix(maps.shape[2], size))
+  return jnp.einsum("ij,bjk,lk->bil", rows, maps, cols)
 
 
 def smooth(maps: jax.Array, sigma: float) -> jax.Array:

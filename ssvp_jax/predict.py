@@ -7,7 +7,8 @@ writes into --out:
                         s_local, seconds, overlay, map, error
   overlays/<name>.png   the image blended with its map on a fixed colour scale (0 blue .. 1 red), with
                         a magenta contour where the map reaches the pixel threshold
-  maps/<name>.npy       the raw map, float32 [S, S] at the model's resolution (S = config.clip.image_size)
+  maps/<name>.npy       the raw map, float32 [S, S] at the model's resolution (S = config.clip.image_size);
+                        with --tile, float32 [H, W] stitched at the image's full resolution (see tiling.py)
 
 With a reference bank stored by calibrate for the category (workdir/reference/<category>.npz), score and
 map are fused with it (ssvp_jax/reference.py; the log says so), `bank_score` holds the bank's own score
@@ -34,7 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ssvp_jax import inference, report
+from ssvp_jax import inference, report, tiling
 
 log = logging.getLogger("ssvp_jax")
 
@@ -61,13 +62,20 @@ def _cell(v: float) -> str:
 
 
 def predict(engine: inference.Engine, paths: Sequence[str], out_dir: str, *, image_threshold: float | None = None,
-            pixel_threshold: float | None = None, batch_size: int = 8, workers: int = 4) -> list[dict[str, Any]]:
-  """Scores `paths`, writes overlays, maps and predictions.csv into `out_dir`; returns the CSV rows."""
+            pixel_threshold: float | None = None, batch_size: int = 8, workers: int = 4, tile: int | None = None,
+            overlap: int = 0) -> list[dict[str, Any]]:
+  """Scores `paths`, writes overlays, maps and predictions.csv into `out_dir`; returns the CSV rows.
+
+  With `tile`, each image is scored as overlapping tile x tile tiles and one stitched map (tiling.py).
+  """
   os.makedirs(out_dir, exist_ok=True)
   names = output_names(paths)
   rows = []
   bank = engine.bank_meta.get("path", "bank") if engine.bank is not None else ""
-  results = inference.score_files(engine, paths, batch_size, workers, keep_image=True)
+  if tile:
+    results = tiling.score_files(engine, paths, tile, overlap, batch_size, keep_image=True)
+  else:
+    results = inference.score_files(engine, paths, batch_size, workers, keep_image=True)
   # Rows are written as they come, so a long run that is stopped keeps what it scored.
   with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -78,6 +86,14 @@ def predict(engine: inference.Engine, paths: Sequence[str], out_dir: str, *, ima
       f.flush()
       rows.append(row)
   return rows
+
+
+def overlay(r: inference.Scored, pixel_threshold: float | None) -> np.ndarray:
+  """uint8 [h, w, 3]: the image (at overlay size) blended with its map on the reports' fixed colour scale
+  (0 blue .. 1 red), with the pixel threshold's contour in magenta."""
+  h, w = r.image.shape[:2]
+  big_map = inference.resize_hw(r.map, h, w, Image.Resampling.BILINEAR)  # [h, w] at overlay size
+  return report.overlay_array(r.image, np.clip(big_map, 0.0, 1.0), vmin=0.0, vmax=1.0, threshold=pixel_threshold)
 
 
 def _write_outputs(r: inference.Scored, out_dir: str, name: str, image_threshold: float | None,
@@ -94,10 +110,8 @@ def _write_outputs(r: inference.Scored, out_dir: str, name: str, image_threshold
   overlay_path = os.path.join(out_dir, "overlays", name + ".png")
   os.makedirs(os.path.dirname(map_path), exist_ok=True)
   np.save(map_path, r.map.astype(np.float32))
-  h, w = r.image.shape[:2]
-  big_map = inference.resize_hw(r.map, h, w, Image.Resampling.BILINEAR)  # [h, w] at overlay size
-  report.save_overlay(overlay_path, r.image, np.clip(big_map, 0.0, 1.0), vmin=0.0, vmax=1.0,
-                      threshold=pixel_threshold)
+  os.makedirs(os.path.dirname(overlay_path), exist_ok=True)
+  Image.fromarray(overlay(r, pixel_threshold)).save(overlay_path, format="PNG")
   x, y = inference.max_location(r.map, r.height, r.width)
   if not math.isnan(r.bank_score):
     row.update(bank_score=_cell(r.bank_score), reference=reference)
@@ -145,6 +159,11 @@ def main(argv) -> int:
   elif cal and cal.get("category") != category:
     log.warning("calibration.json was made for category %r, predicting with %r: its thresholds may not fit",
                 cal.get("category"), category)
+  if FLAGS.tile is not None:
+    try:
+      tiling.check_args(FLAGS.tile, FLAGS.overlap)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   engine = inference.load_engine(FLAGS.workdir, category, FLAGS.config, use_reference=not FLAGS.no_reference)
   if cal and bool(cal.get("reference")) != (engine.bank is not None):
     log.warning("calibration.json was made with%s a reference bank, predicting with%s one: its thresholds "
@@ -154,7 +173,8 @@ def main(argv) -> int:
     log.warning("no image threshold (run python -m ssvp_jax.calibrate or pass --image_threshold): "
                 "predictions.csv has scores but no decisions")
   rows = predict(engine, paths, out_dir, image_threshold=img_thr, pixel_threshold=pix_thr,
-                 batch_size=FLAGS.batch_size or engine.config.eval.batch_size, workers=FLAGS.workers)
+                 batch_size=FLAGS.batch_size or engine.config.eval.batch_size, workers=FLAGS.workers,
+                 tile=FLAGS.tile, overlap=FLAGS.overlap)
   failed = [r for r in rows if r["error"]]
   flagged = sum(r["decision"] == "defective" for r in rows)
   decided = f", {flagged} defective at threshold {img_thr:.6g}" if img_thr is not None else ""
@@ -176,4 +196,7 @@ if __name__ == "__main__":
   flags.DEFINE_bool("no_reference", False, "Ignore the category's stored reference bank (zero-shot scores only).")
   flags.DEFINE_float("image_threshold", None, "Decision threshold on the image score (default: calibration.json).")
   flags.DEFINE_float("pixel_threshold", None, "Contour threshold on the maps (default: calibration.json).")
+  flags.DEFINE_integer("tile", None, "Score large images as overlapping T x T pixel tiles at the model's "
+                       "resolution and stitch one full-resolution map (default: whole-image resize).")
+  flags.DEFINE_integer("overlap", 0, "Overlap of neighbouring tiles in pixels (with --tile), blended linearly.")
   ssvp_jax.cli.run(main)

@@ -24,7 +24,7 @@ x = np.stack([read_image(p, model.input_size) for p in paths])
 full, three = model(x), model(x[:3])
 np.savez(out, images=x, score3=three["score"], **full)
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("flax", "orbax", "grain", "optax", "torch", "transformers")
-             or m.startswith("ssvp_jax.") and m != "ssvp_jax.jaxexport_runner")
+             or m.startswith("ssvp_jax.") and m not in ("ssvp_jax.jaxexport_runner", "ssvp_jax.runner_io"))
 print(json.dumps({"bad": bad, "platforms": list(model.exported.platforms), "meta": model.meta}))
 """
 
