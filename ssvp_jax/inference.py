@@ -4,8 +4,9 @@
     for r in inference.score_files(engine, ["a.png", "b.jpg"]):
       print(r.path, r.error or r.score)
 
-Each file is decoded exactly as the evaluation path decodes a dataset image (`pipeline.load_image`:
-any size, grayscale, RGBA, 16-bit, EXIF orientation), resized and normalised per backbone as
+Each file is decoded as the evaluation path decodes a dataset image (`pipeline.load_image`: any
+size, grayscale, RGBA, 16-bit), except that a user's photo is turned upright by its EXIF orientation
+(D22; dataset images are read as stored), resized and normalised per backbone as
 `pipeline.load_example` does, and run through `evaluate.eval_step`, so a file scores the same here as
 in `evaluate.predict_records` when the category word is the same. A file that cannot be decoded gives
 a result with `error` set; the others go on.
@@ -157,7 +158,7 @@ def _load(engine: Engine, path: str, keep_image: bool):
   """Decodes and preprocesses one file (runs in a worker thread)."""
   t0 = time.perf_counter()
   try:
-    image = load_image(path)  # [H, W, 3]
+    image = load_image(path, upright=True)  # [H, W, 3]; D22: a user's photo, EXIF orientation applied
   except DatasetError as e:
     return path, str(e), None, time.perf_counter() - t0
   except (OSError, ValueError) as e:  # permissions, odd pixel layouts PIL decodes but cannot convert
