@@ -1,7 +1,8 @@
 """Ablation of the fidelity pass (issue 11, SPEC section 6 "rev." rows and D17-D20) on the demo.
 
-    .venv/bin/python bench/ablation.py --out runs/ablation            # every variant, ~3 min each
+    .venv/bin/python bench/ablation.py --out runs/ablation            # every variant, 3-15 min each
     .venv/bin/python bench/ablation.py --out runs/ablation --only after before
+    .venv/bin/python bench/ablation.py --out runs/ablation_lr3 --flags="--config.optim.lr=1e-3"
 
 Each variant trains and evaluates `configs/demo.py` in its own work directory under `--out`
 (one shared copy of the demo data), then `--out`/ablation.md gets one row per variant: the
@@ -93,7 +94,11 @@ def main() -> int:
   p.add_argument("--out", default=os.path.join(ROOT, "runs", "ablation"))
   p.add_argument("--config", default="configs/demo.py")
   p.add_argument("--only", nargs="+", choices=list(VARIANTS), help="variants to run (default: all)")
+  p.add_argument("--flags", default="", help='overrides added to every variant, e.g. "--config.optim.lr=1e-3"')
   args = p.parse_args()
+  extra = args.flags.split()
+  for name in VARIANTS:
+    VARIANTS[name] = VARIANTS[name] + extra
   rows = []
   for name in args.only or VARIANTS:
     row = run_variant(name, VARIANTS[name], os.path.abspath(args.out), args.config)
