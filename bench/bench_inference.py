@@ -51,7 +51,7 @@ def add_args(p: argparse.ArgumentParser, *, batch: int, reps: int, dtype: str, p
                  help="compute dtype of backbones and heads (parameters stay float32)")
   p.add_argument("--peak_n", type=int, default=peak_n, help="size of the square matmul that measures the peak")
   g = p.add_mutually_exclusive_group()
-  g.add_argument("--small", action="store_true", help="configs/demo.py's random backbones (ViT-B/16 shapes, 224 px)")
+  g.add_argument("--small", action="store_true", help="configs/demo.py's random backbones (the small preset, 112 px)")
   g.add_argument("--smoke", action="store_true", help="configs/tiny.py, one step (a test of the script)")
 
 

@@ -50,7 +50,7 @@ def load_avg() -> str:
   return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def demo_config(epochs: int, path: str = os.path.join(ROOT, "configs", "demo.py")) -> ml_collections.ConfigDict:
+def demo_config(epochs: int, path: str = os.path.join(ROOT, "configs", "demo_vitb.py")) -> ml_collections.ConfigDict:
   """The config at `path` (the demo's by default), timed per step, checkpointing only at the end."""
   spec = importlib.util.spec_from_file_location("bench_config", path)
   mod = importlib.util.module_from_spec(spec)
@@ -114,7 +114,7 @@ def dir_mb(path: str) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.py"),
+  parser.add_argument("--config", default=os.path.join(ROOT, "configs", "demo_vitb.py"),
                       help="config file; its train_data must be demo data the generator can write")
   parser.add_argument("--epochs", type=int, default=3, help="epochs per real run (>= 2)")
   parser.add_argument("--steps", type=int, default=10, help="timed steps per step-throughput variant")

@@ -1,4 +1,7 @@
-"""Shared SSVP configuration: every equation's constant and every SPEC.md decision (D1-D16).
+"""Shared SSVP configuration: every equation's constant and every SPEC.md decision (D1-D22).
+
+Revised defaults (SPEC section 6, "rev." rows and D17-D22: where SSVP is silent, Bayes-PFL's code
+wins); each earlier behaviour stays one field away, named beside the field.
 
 Variants (`mvtec.py`, `visa.py`, `demo.py`, `tiny.py`) import `get_config()` from here and change a
 few fields. Every field can be overridden on the command line, e.g.
@@ -12,14 +15,17 @@ import ml_collections
 from ssvp_jax import reference
 
 
-def dataset(name: str, root: str = "", categories: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """One dataset entry: a reader name of ssvp_jax.data.datasets, its root, the split, a category subset.
+def dataset(name: str, root: str = "", categories: tuple[str, ...] = (), protocol: str = "full"
+            ) -> ml_collections.ConfigDict:
+  """One dataset entry: a reader name of ssvp_jax.data.datasets, its root, the split, a category subset,
+  and the benchmark protocol ("full": the publisher's split; "bayes_pfl": the classes and images
+  Bayes-PFL evaluates, see ssvp_jax/data/protocols.py; the paper configs use it).
 
   `synth` (demo only) names a layout for the demo-data generator, which then writes the data
   into `root` when that folder is absent.
   """
   return ml_collections.ConfigDict(dict(
-      name=name, root=root, split="test", categories=categories,
+      name=name, root=root, split="test", categories=categories, protocol=protocol,
       synth=dict(layout="", categories=(), size=128, num_good=12, num_anomalous=12, seed=0)))
 
 
@@ -51,26 +57,34 @@ def get_config() -> ml_collections.ConfigDict:
       atf_heads=8, atf_head_dim=64, atf_shared=False,   # D1
       n_background=5, n_state=5, n_prompts=3,           # D4, Eq. 6
       class_words="readable",    # D4: "readable" category names | "object"
+      clip_token_norm=True,      # D3: L2-normalise the mapped CLIP tokens (Bayes-PFL) | False (earlier)
       vcpg=True,                 # Table 3 ablation: VCPG on/off
-      latent_dim=128, latent_tokens=1,                  # D8
-      beta=0.1, kl_reduction="sum", xi=0.85, prompt_ln=True,  # Eq. 9 (KL summed over latent dims), Eq. 12, D12
+      latent_dim=128, latent_tokens=8,                  # D8: 8 tokens of 16 | 1 (earlier: Eq. 10 a no-op)
+      beta=0.1, xi=0.85, prompt_ln=True,                # Eq. 9, Eq. 12, D12
+      kl_reduction="sum", rec_reduction="sum",          # D19: sums per image | "mean" (earlier rec)
+      vae_stop_grad=True,        # D18: the VAE reads stopgrad(V_syn^g) | False (gradient into HSVS)
       gating=True,               # Table 3 ablation: VTAM gates on/off
-      tau=0.07, learn_tau=False,                        # D7
+      tau=0.07, learn_tau=True,                         # D7: learned, lr optim.lr_tau | False (fixed)
       gamma=0.5,                 # Eq. 19
-      s_local="max", s_local_topk=10,                   # D9
+      s_local="topk", s_local_topk=10,                  # D9: mean of the top-k map values | "max" (Eq. 18)
       s_global="prob",           # D6: "prob" | "cosine"
   ))
 
   # --- Losses (Eqs. 20-22).
   c.loss = ml_collections.ConfigDict(dict(
       lambda_vae=1.0, lambda_reg=0.5, focal_gamma=2.0,
-      dice=False,                # D11
+      seg_form="balanced",       # D11: Bayes-PFL's class-balanced focal + batch Dice, summed over maps
+                                 #      | "mean" (plain focal averaged over pixels and maps)
+      dice=True,                 # D11: the Dice term ("mean" form: AnomalyCLIP's two per-image terms)
+      supervise_fused=True,      # D17: L_seg also on the fused P_map | False (scales only)
+      direct_logits=True,        # D20: scale logits (M_a - M_n)/tau upsampled | False (clipped probs)
   ))
 
   # --- Optimiser (SPEC section 5).
   c.optim = ml_collections.ConfigDict(dict(
       epochs=15, batch_size=8,
       lr_prompt=5e-4, lr=1e-4, b1=0.5, b2=0.999,
+      lr_tau=0.01,               # D7: the learned temperature's own learning rate (Bayes-PFL)
       warmup_frac=0.1,           # D16
   ))
 
@@ -116,8 +130,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype of backbones and heads: "float32" | "bfloat16" (parameters stay float32; losses,
   # metrics and optimiser arithmetic run in float32).
   c.dtype = "float32"
+  # D21: float32 matmuls at full precision (no TF32 on GPU), as PyTorch's default. "default" lets
+  # XLA choose (TF32 on recent GPUs: faster, ~1e-3 relative error). CPUs ignore it.
+  c.matmul_precision = "highest"
 
-  # --- Logging and checkpoints.
+  # --- Logging and checkpoints. `print_decisions` logs the protocol, the class words and every
+  # SPEC decision at the start of training and stores them in config.json (ssvp_jax/decisions.py).
+  c.print_decisions = False
   c.log_every_steps = 10
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 2

@@ -16,6 +16,7 @@ import base  # noqa: E402
 def get_config():
   c = base.get_config()
   c.clip.pos_interpolation = "bicubic"  # as Bayes-PFL, SSVP's direct base (SPEC section 1)
-  c.train_data = base.dataset("mvtec")
-  c.eval_data = base.ml_collections.ConfigDict({"visa": base.dataset("visa")})
+  c.train_data = base.dataset("mvtec", protocol="bayes_pfl")
+  c.eval_data = base.ml_collections.ConfigDict({"visa": base.dataset("visa", protocol="bayes_pfl")})
+  c.print_decisions = True
   return c

@@ -19,7 +19,7 @@ def get_config():
   c.dino.image_size = 16       # patch 4 -> 4 x 4 tokens
   c.dino.layers = (1, 2)
   c.model.atf_heads, c.model.atf_head_dim = 2, 4
-  c.model.latent_dim = 6
+  c.model.latent_dim, c.model.latent_tokens = 6, 2
   c.model.n_background, c.model.n_state = 2, 2
 
   c.train_data = base.dataset("mvtec", "{workdir}/data/source")

@@ -18,7 +18,11 @@ import base  # noqa: E402
 def get_config():
   c = base.get_config()
   c.clip.pos_interpolation = "bicubic"
-  c.train_data = base.dataset("visa")
+  c.train_data = base.dataset("visa", protocol="bayes_pfl")
+  # Bayes-PFL's protocol for each target (ssvp_jax/data/protocols.py); `protocol="full"` gives the
+  # publisher's split. RSDD: the pos/neg crops ("rail"), the form Bayes-PFL evaluates.
   c.eval_data = base.ml_collections.ConfigDict(
-      {name: base.dataset(name) for name in ("mvtec", "btad", "ksdd2", "rsdd", "dagm", "dtd")})
+      {name: base.dataset(name, protocol="bayes_pfl") for name in ("mvtec", "btad", "ksdd2", "rsdd", "dagm", "dtd")})
+  c.eval_data.rsdd.categories = ("rail",)
+  c.print_decisions = True
   return c

@@ -26,14 +26,24 @@ def _tiny_clip() -> clip_lib.CLIPConfig:
       projection_dim=20)
 
 
-def _demo_clip() -> clip_lib.CLIPConfig:
-  """ViT-B/16's vision shape (the smallest standard one) with a small text tower: as in the real
-  model, the frozen backbones cost far more than the trainable heads, so the feature cache pays."""
+def _demo_text_clip(**vision) -> clip_lib.CLIPConfig:
+  """A random CLIP with the given vision tower and the demos' small text tower (64 wide, 2 layers)."""
   return clip_lib.CLIPConfig(
-      vision=clip_lib.VisionConfig(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072),
+      vision=clip_lib.VisionConfig(**vision),
       text=clip_lib.TextConfig(vocab_size=clip_lib.BYTE_VOCAB_SIZE, context_length=32, width=64, layers=2,
                                heads=4, mlp_dim=160),
       projection_dim=64)
+
+
+def _demo_clip() -> clip_lib.CLIPConfig:
+  """ViT-B/16's vision shape (the smallest standard one), configs/demo_vitb.py: as in the real
+  model, the frozen backbones cost far more than the trainable heads, so the feature cache pays."""
+  return _demo_text_clip(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072)
+
+
+def _small_clip() -> clip_lib.CLIPConfig:
+  """Four 96-wide blocks, patch 8 at 112 px (configs/demo.py): the heads cost more than these."""
+  return _demo_text_clip(image_size=112, patch_size=8, width=96, layers=4, heads=4, mlp_dim=256)
 
 
 # name -> (CLIP config, DINOv3 config); both give the same token grid at the configured sizes.
@@ -41,6 +51,9 @@ PRESETS = {
     "tiny": (_tiny_clip, lambda: dinov3_lib.DINOv3Config(hidden_size=32, num_layers=2, num_heads=2,
                                                           intermediate_size=44, patch_size=4,
                                                           num_register_tokens=1)),
+    "small": (_small_clip, lambda: dinov3_lib.DINOv3Config(hidden_size=96, num_layers=4, num_heads=4,
+                                                            intermediate_size=256, patch_size=8,
+                                                            num_register_tokens=2)),
     "demo": (_demo_clip, lambda: dinov3_lib.DINOv3Config(hidden_size=768, num_layers=12, num_heads=12,
                                                           intermediate_size=3072, patch_size=16,
                                                           num_register_tokens=4)),
@@ -63,6 +76,18 @@ def compute_dtype(config: ml_collections.ConfigDict):
   if name not in DTYPES:
     raise ValueError(f"config.dtype={name!r} is not one of {', '.join(DTYPES)}")
   return DTYPES[name]
+
+
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+def set_matmul_precision(config: ml_collections.ConfigDict) -> None:
+  """D21: `config.matmul_precision` (absent in older configs: "highest") for every float32 matmul
+  JAX compiles from now on; "highest" forbids TF32 on GPUs, as PyTorch's default does."""
+  name = config.get("matmul_precision") or "highest"
+  if name not in MATMUL_PRECISIONS:
+    raise ValueError(f"config.matmul_precision={name!r} is not one of {', '.join(MATMUL_PRECISIONS)}")
+  jax.config.update("jax_default_matmul_precision", name)
 
 
 def build_clip(config: ml_collections.ConfigDict):
@@ -94,7 +119,8 @@ def build_dino(config: ml_collections.ConfigDict) -> dinov3_lib.DINOv3:
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[SSVP, object]:
-  """(SSVP model with fresh heads, tokenizer) from a full config."""
+  """(SSVP model with fresh heads, tokenizer) from a full config; sets the matmul precision (D21)."""
+  set_matmul_precision(config)
   clip, tokenizer = build_clip(config)
   dino = build_dino(config)
   for name, size, patch in (("clip", config.clip.image_size, clip.config.vision.patch_size),

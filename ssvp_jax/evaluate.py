@@ -24,6 +24,7 @@ from ssvp_jax.data.pipeline import iterate_batches, load_image, resize_image
 from ssvp_jax.errors import UserError
 from ssvp_jax.models.prompts import make_templates
 from ssvp_jax.models.ssvp import SSVP
+from ssvp_jax.models.vtam import final_score, local_score
 
 log = logging.getLogger("ssvp_jax")
 
@@ -39,7 +40,13 @@ def eval_step(model: SSVP, clip_images, dino_images, t_init, size: int, sigma: f
 def head_outputs(model: SSVP, feats, t_init, size: int, sigma: float):
   """The heads on frozen features: (map [B, S, S], s_global, s_local, s_final [B]), as `eval_step`."""
   out = model.heads(feats, t_init, deterministic=True)
-  return maps_lib.postprocess(out.p_map, size, sigma), out.s_global, out.s_local, out.s_final
+  amap = maps_lib.postprocess(out.p_map, size, sigma)
+  vtam = model.vtam
+  if vtam.top_k is None:
+    return amap, out.s_global, out.s_local, out.s_final
+  # D9: at test time S_local is the mean of the top-k values of the map that is scored (Bayes-PFL).
+  s_local = local_score(amap.reshape(amap.shape[0], -1), vtam.top_k)
+  return amap, out.s_global, s_local, final_score(out.s_global, s_local, vtam.gamma)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:

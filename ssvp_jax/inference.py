@@ -4,8 +4,9 @@
     for r in inference.score_files(engine, ["a.png", "b.jpg"]):
       print(r.path, r.error or r.score)
 
-Each file is decoded exactly as the evaluation path decodes a dataset image (`pipeline.load_image`:
-any size, grayscale, RGBA, 16-bit, EXIF orientation), resized and normalised per backbone as
+Each file is decoded as the evaluation path decodes a dataset image (`pipeline.load_image`: any
+size, grayscale, RGBA, 16-bit), except that a user's photo is turned upright by its EXIF orientation
+(D22; dataset images are read as stored), resized and normalised per backbone as
 `pipeline.load_example` does, and run through `evaluate.eval_step`, so a file scores the same here as
 in `evaluate.predict_records` when the category word is the same. A file that cannot be decoded gives
 a result with `error` set; the others go on.
@@ -190,7 +191,7 @@ def resize_hw(array: np.ndarray, height: int, width: int, resample: Image.Resamp
 def read_file(path: str) -> tuple[np.ndarray | None, str | None]:
   """(float [H, W, 3] in [0, 1], None), or (None, the reason naming the file) when it cannot be decoded."""
   try:
-    return load_image(path), None
+    return load_image(path, upright=True), None  # D22: a user's photo, EXIF orientation applied
   except DatasetError as e:
     return None, str(e)
   except (OSError, ValueError) as e:  # permissions, odd pixel layouts PIL decodes but cannot convert

@@ -35,7 +35,7 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
 HARMLESS = ("eval.", "eval_data.", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "data.workers",
             "mesh.", "cache.enabled", "cache.dir", "reference.")  # the bank never changes the trained heads
-IGNORED = ("resume.",)  # the override itself
+IGNORED = ("resume.", "decisions.")  # the override itself; the decisions block (derived from the rest)
 _ABSENT = "<absent>"
 
 

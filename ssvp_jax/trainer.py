@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ssvp_jax import (cache, checkpoint, distributed, evaluate, fileio, functional, losses, maps, optim, resume,
-                      sharding, validate)
+from ssvp_jax import (cache, checkpoint, decisions, distributed, evaluate, fileio, functional, losses, maps, optim,
+                      resume, sharding, validate)
 from ssvp_jax.build import build_model
 from ssvp_jax.data import datasets, synth
 from ssvp_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, View
@@ -57,31 +57,57 @@ def read_split(ds: ml_collections.ConfigDict, workdir: str, section: str):
     if distributed.is_main():  # one writer; the other processes wait for its files
       prepare_demo_data(ds, root)
     distributed.barrier("demo data")
-  return datasets.read_dataset(ds.name, root, ds.split, tuple(ds.categories) or None)
+  return datasets.read_dataset(ds.name, root, ds.split, tuple(ds.categories) or None,
+                               protocol=ds.get("protocol", "full"))
 
 
 def upsample_probs(prob: jax.Array, size: int) -> jax.Array:
-  """[B, h, w] probabilities -> [B, size, size], bilinear on the logits (the lineage upsamples
-  logits before the softmax, so a map never leaves [0, 1] and keeps its sharpness)."""
+  """[B, h, w] probabilities -> [B, size, size], bilinear on the logits after a clip to [1e-6, 1 - 1e-6]
+  (the D20 alternative "clipped": the clip stops the gradient of saturated pixels)."""
   p = jnp.clip(prob, 1e-6, 1 - 1e-6)
   logit = jnp.log(p) - jnp.log1p(-p)
   return jax.nn.sigmoid(maps.upsample(logit, size))
 
 
+def seg_maps(out, size: int, loss_cfg) -> tuple[list[jax.Array], list[bool]]:
+  """The maps L_seg supervises at the mask's resolution, and which of them are logits.
+
+  D20 (default): each scale's logit (M_a - M_n) / tau upsampled bilinearly (the lineage upsamples
+  logits before the softmax); alternative: probabilities clipped, turned into logits, upsampled.
+  D17 (default): the fused P_map too, upsampled bilinearly as evaluation does (a gated sum of
+  probabilities, no logit of its own); alternative: the scales only.
+  """
+  if loss_cfg.get("direct_logits", False):
+    scale = [maps.upsample(x, size) for x in out.scale_logits]
+    flags = [True] * len(scale)
+  else:
+    scale = [upsample_probs(p, size) for p in out.scale_probs]
+    flags = [False] * len(scale)
+  if loss_cfg.get("supervise_fused", False):
+    scale.append(maps.upsample(out.p_map, size))
+    flags.append(False)
+  return scale, flags
+
+
 def loss_fn(model: SSVP, batch: dict, templates: tuple[jax.Array, jax.Array], key: jax.Array,
             loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, losses.LossTerms]:
-  """Eq. 22 on one batch; the VAE noise comes from `key` only."""
+  """Eq. 22 on one batch; the VAE noise comes from `key` only.
+
+  `batch["mask_weight"]` [B] (when present) is 0 for anomalous images without a mask: they
+  train the image loss only.
+  """
   # With the feature cache on, the batch brings the frozen features (ssvp_jax/cache.py).
   feats = batch["features"] if "features" in batch else model.features(batch["clip"], batch["dino"])
   t_init = model.prompt_table(templates)[batch["class_index"]]  # [B, P, E]
   out = model.heads(feats, t_init, rngs=nnx.Rngs(sample=key), deterministic=False)
-  size = batch["mask"].shape[-1]
-  # Losses in float32 whatever the compute dtype (config.dtype): bf16 logs lose too much near 0 and 1.
+  # Losses in float32 whatever the compute dtype (config.dtype, D21): bf16 logs lose too much near 0 and 1.
   out = jax.tree.map(lambda x: x.astype(jnp.float32), out)
-  probs = [upsample_probs(p, size) for p in out.scale_probs]
-  terms = losses.total_loss(probs, batch["mask"], out.s_final, batch["label"].astype(jnp.float32), out.l_vae,
+  seg, flags = seg_maps(out, batch["mask"].shape[-1], loss_cfg)
+  terms = losses.total_loss(seg, batch["mask"], out.s_final, batch["label"].astype(jnp.float32), out.l_vae,
                             out.l_reg, lambda1=loss_cfg.lambda_vae, lambda2=loss_cfg.lambda_reg,
-                            focal_gamma=loss_cfg.focal_gamma, use_dice=loss_cfg.dice)
+                            focal_gamma=loss_cfg.focal_gamma, use_dice=loss_cfg.dice,
+                            form=loss_cfg.get("seg_form", "mean"), logits=flags,
+                            mask_weight=batch.get("mask_weight"))
   return terms.total, terms
 
 
@@ -201,6 +227,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after_step: int 
 def _train(config: ml_collections.ConfigDict, workdir: str, changes: dict, stop_after_step: int | None
            ) -> tuple[SSVP, Any, dict[str, Any]]:
   main = distributed.is_main()  # only process 0 writes files, logs and the progress bar
+  if main and config.get("print_decisions"):  # the paper configs: protocol, class words, D1-D22 (log + config.json)
+    decisions.announce(config)
   mesh = sharding.make_mesh(sharding.mesh_config(config))
   model, tokenizer = build_model(config)
   sharding.shard_model(model, mesh, sharding.mesh_config(config))
@@ -209,6 +237,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changes: dict, stop_
   categories = sorted({r.category for r in records})
   cat_index = {c: i for i, c in enumerate(categories)}
   class_of_record = np.array([cat_index[r.category] for r in records], np.int32)
+  # An anomalous image without a mask must not teach "no defect here" to L_seg (weight 0).
+  mask_weight_of_record = np.array([float(r.mask_path is not None or r.label == 0) for r in records], np.float32)
   templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.model.class_words,
                              model.clip.config.text.context_length)
   tmpl = (jnp.asarray(templates.ids), jnp.asarray(templates.eot))
@@ -226,6 +256,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changes: dict, stop_
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, TRAINABLE)))
   log.info("training %d images of %d categories (%s), %d steps of %d; %s trainable parameters",
            len(records), len(categories), config.train_data.name, total_steps, bs, f"{n_train:,}")
+  no_mask = int(np.sum(mask_weight_of_record == 0))
+  log.info("%d of %d training images are anomalous without a mask: they train the image loss only",
+           no_mask, len(records))
 
   mgr = checkpoint.manager(workdir, config.keep_checkpoints)
   try:
@@ -263,6 +296,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changes: dict, stop_
             continue
           batch = {k: v for k, v in batch.items() if k not in ("valid", "has_mask")}
           batch["class_index"] = class_of_record[batch["index"]]
+          batch["mask_weight"] = mask_weight_of_record[batch["index"]]  # 0: trains the image loss only
           batch = sharding.shard_batch(batch, mesh, process_local=True)  # examples split over `data`
           terms = train_step(batch, tmpl, jax.random.fold_in(base_key, step), loss_cfg)
           step += 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssvp_jax.data import pipeline
+from ssvp_jax.data import common, pipeline
 from ssvp_jax.data.common import DatasetError
 from ssvp_jax.data.datasets import read_dataset
 
@@ -166,8 +166,14 @@ def test_pipeline_rejects_transposed_mask_with_hint(tmp_path):
   exif = Image.Exif()
   exif[0x0112] = 6  # stored 8x6, shown 6x8
   Image.new("RGB", (8, 6), 50).save(img, exif=exif)
-  mask = _img(tmp_path / "m.png", hw=(6, 8), mode="L")
   from ssvp_jax.data.records import Record
-  with pytest.raises(DatasetError, match="EXIF-rotated"):
-    pipeline.load_example(Record(img, mask, "c", "d", 1, "test"), [pipeline.View("x", 4, (0,) * 3, (1,) * 3)], 4)
-  assert np.array_equal(pipeline.load_image(img).shape, (8, 6, 3))
+  view = [pipeline.View("x", 4, (0,) * 3, (1,) * 3)]
+  # D22: a dataset image is read as stored, so its mask (stored size, no tag) matches.
+  ok = _img(tmp_path / "ok.png", hw=(6, 8), mode="L")
+  assert pipeline.load_example(Record(img, ok, "c", "d", 1, "test"), view, 4)["mask"].shape == (4, 4)
+  assert common.image_size(img) == (6, 8)
+  bad = _img(tmp_path / "m.png", hw=(8, 6), mode="L")
+  with pytest.raises(DatasetError, match=r"transposed\?"):
+    pipeline.load_example(Record(img, bad, "c", "d", 1, "test"), view, 4)
+  assert np.array_equal(pipeline.load_image(img).shape, (6, 8, 3))
+  assert np.array_equal(pipeline.load_image(img, upright=True).shape, (8, 6, 3))

@@ -48,14 +48,16 @@ def test_every_format_decodes_to_rgb_float(tmp_path, kind):
   np.testing.assert_allclose(a, np.broadcast_to(expected, a.shape), atol=2 / 255)
 
 
-def test_exif_rotated_jpeg_comes_out_upright(tmp_path):
+def test_exif_orientation_only_on_request_d22(tmp_path):
   stored = np.zeros((10, 20, 3), np.uint8)
   stored[:, :10] = (255, 0, 0)  # left half red, right half blue, as stored
   stored[:, 10:] = (0, 0, 255)
   exif = Image.Exif()
   exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
   path = _save(Image.fromarray(stored), tmp_path / "r.jpg", exif=exif, quality=95)
-  a = pipeline.load_image(path)
+  raw = pipeline.load_image(path)  # D22: dataset images as stored, the tag ignored
+  assert raw.shape == (10, 20, 3) and raw[:, :8, 0].mean() > 0.9 and raw[:, 12:, 2].mean() > 0.9
+  a = pipeline.load_image(path, upright=True)  # a user's photo (predict, calibrate)
   assert a.shape == (20, 10, 3)  # portrait once upright
   assert a[:8, :, 0].mean() > 0.9 and a[:8, :, 2].mean() < 0.1  # the stored left half is now on top
   assert a[12:, :, 2].mean() > 0.9

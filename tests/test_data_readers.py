@@ -244,3 +244,48 @@ def test_meta_reads_lineage_variants(tmp_path):
                   Record(str(root / "Metal" / "test" / "good" / "y.bmp"), None, "Metal", "good", 0, "test")]
   with pytest.raises(meta.DatasetError, match="has no images"):
     read_dataset("meta", str(root), "train")  # only a placeholder row
+
+
+def test_bayes_pfl_protocol_dagm_ksdd2_rsdd(tmp_path):
+  """Bayes-PFL's protocol: DAGM classes 1-5, 7, 8 only; per class every defective image and only the
+  first N normal ones by name (N = defective count) for DAGM, KSDD2 and RSDD's pos/neg form; "full"
+  keeps everything. make_meta writes the same records."""
+  dagm = tmp_path / "dagm"
+  for i in range(1, 11):
+    for stem in ("0001", "0002", "0003", "0004"):
+      _img(dagm / f"Class{i}" / "Test" / f"{stem}.PNG", mode="L", fmt="PNG")
+    _mask(dagm / f"Class{i}" / "Test" / "Label" / "0003_label.PNG", fmt="PNG")
+  full = read_dataset("dagm", str(dagm), "test")
+  assert len(full) == 40 and len({r.category for r in full}) == 10
+  paper = read_dataset("dagm", str(dagm), "test", protocol="bayes_pfl")
+  assert sorted({r.category for r in paper}, key=lambda c: int(c[5:])) == [f"Class{i}" for i in (1, 2, 3, 4, 5, 7, 8)]
+  for cat in {r.category for r in paper}:
+    rows = [(os.path.basename(r.image_path), r.label) for r in paper if r.category == cat]
+    assert rows == [("0001.PNG", 0), ("0003.PNG", 1)]  # one defective, so the first normal only
+  # Explicit categories override the protocol's class list (the image cap still applies).
+  assert {r.category for r in read_dataset("dagm", str(dagm), "test", ["Class6"], protocol="bayes_pfl")} == {"Class6"}
+  by_split, path = make_meta.make_meta("dagm", str(dagm), splits=["test"], protocol="bayes_pfl")
+  assert read_dataset("meta", str(dagm), "test") == by_split["test"] == paper
+
+  ksdd2 = tmp_path / "ksdd2"
+  for k, positive in enumerate([0, 1, 0, 0, 1, 0]):
+    _img(ksdd2 / "test" / f"{10000 + k}.png")
+    _mask(ksdd2 / "test" / f"{10000 + k}_GT.png", value=255 if positive else 0)
+  assert len(read_dataset("ksdd2", str(ksdd2), "test")) == 6
+  capped = read_dataset("ksdd2", str(ksdd2), "test", protocol="bayes_pfl")
+  assert [(os.path.basename(r.image_path), r.label) for r in capped] == [
+      ("10000.png", 0), ("10001.png", 1), ("10002.png", 0), ("10004.png", 1)]
+
+  rsdd = tmp_path / "rsdd"
+  _img(rsdd / "pos" / "a.jpg", fmt="JPEG")
+  _mask(rsdd / "pos" / "a.png")
+  for s in ("n1", "n2", "n3"):
+    _img(rsdd / "neg" / f"{s}.jpg", fmt="JPEG")
+  assert [os.path.basename(r.image_path) for r in read_dataset("rsdd", str(rsdd), protocol="bayes_pfl")] == [
+      "a.jpg", "n1.jpg"]
+  with pytest.raises(ValueError, match="protocol must be one of"):
+    read_dataset("rsdd", str(rsdd), protocol="paper")
+
+
+def test_bayes_pfl_protocol_keeps_btad_and_mvtec_whole(mvtec_root):
+  assert read_dataset("mvtec", mvtec_root, "test", protocol="bayes_pfl") == read_dataset("mvtec", mvtec_root, "test")

@@ -81,7 +81,8 @@ def test_runner_reads_files_as_the_pipeline_and_rejects_bad_input(engine, tmp_pa
   for name in ("r.jpg", "s16.png", "a.png", "one.png"):
     path = str(tmp_path / name)
     np.testing.assert_allclose(jaxexport_runner.read_image(path, 28),
-                               pipeline.resize_image(pipeline.load_image(path), 28), atol=1e-6, err_msg=name)
+                               pipeline.resize_image(pipeline.load_image(path, upright=True), 28), atol=1e-6,
+                               err_msg=name)  # a user's photo: upright (D22)
   (tmp_path / "junk.png").write_text("no image")
   with pytest.raises(ValueError, match="junk.png: cannot decode"):
     jaxexport_runner.read_image(str(tmp_path / "junk.png"), 28)

@@ -114,10 +114,15 @@ def test_hsvs_per_scale_maps_and_own_blocks():
   cl, dl, cg, dg = inputs(8)
   local, _ = m(cl, dl, cg, dg)
   assert len(m.local_blocks) == 3
+  raw = randomize(make(7, normalize_clip=False), 7)  # D3 alternative: mapped tokens as they are
+  local_raw, _ = raw(cl, dl, cg, dg)
   for l in range(3):
-    fc = cl[l].astype(np.float64) @ w(m.clip_maps[l])  # D3: bias-free per-layer map
+    fc = cl[l].astype(np.float64) @ w(m.clip_maps[l])  # D3: bias-free per-layer map ...
     assert m.clip_maps[l].bias is None
-    np.testing.assert_allclose(np.asarray(local[l]), np_atf(m.local_blocks[l], fc, dl[l]), rtol=1e-4, atol=1e-4)
+    unit = fc / np.linalg.norm(fc, axis=-1, keepdims=True)  # ... then L2-normalised (Bayes-PFL)
+    np.testing.assert_allclose(np.asarray(local[l]), np_atf(m.local_blocks[l], unit, dl[l]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(local_raw[l]), np_atf(raw.local_blocks[l], fc, dl[l]), rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_shared_vs_own_weights_across_scales():
@@ -144,6 +149,7 @@ def test_concat_fusion_ablation():
   for l in range(3):
     blk = m.local_blocks[l]
     fc = cl[l].astype(np.float64) @ w(m.clip_maps[l])
+    fc = fc / np.linalg.norm(fc, axis=-1, keepdims=True)  # D3
     want = fc + np_mlp(np.concatenate([np_ln(fc, blk.norm_c), np_ln(dl[l], blk.norm_d)], -1), blk.mlp)
     np.testing.assert_allclose(np.asarray(local[l]), want, rtol=1e-4, atol=1e-4)
   gb = m.global_block

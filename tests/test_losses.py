@@ -36,20 +36,100 @@ def test_saturated_probabilities_stay_finite():
   assert float(losses.focal_loss(f32([0.0, 1.0]), f32([0, 1]))) < 1e-10
 
 
-def test_segmentation_loss_averages_scales_and_dice():
+def np_bayes_pfl_seg(maps, y, weights=None):
+  """NumPy transcription of SPEC D11 (Bayes-PFL `loss.py` FocalLoss + DiceLoss, summed over maps in
+  `train.py`): focal -(1-p_t)^2 log p_t summed over anomalous and over normal pixels, each divided by
+  its count, the two added; Dice 1 - (2 sum(p y) + s) / (sum p + sum y + s), s = 1e-5, sums over the
+  whole batch. Images with weight 0 are left out."""
+  keep = np.ones(y.shape[0], bool) if weights is None else np.asarray(weights) > 0
+  y = np.asarray(y, np.float64)[keep]
+  total = 0.0
+  for p in maps:
+    p = np.asarray(p, np.float64)[keep]
+    pt = np.where(y > 0, p, 1 - p)
+    focal = -(1 - pt) ** 2 * np.log(pt)
+    fg, bg = y > 0, y == 0
+    total += focal[fg].sum() / max(fg.sum(), 1) + focal[bg].sum() / max(bg.sum(), 1)
+    total += 1 - (2 * (p * y).sum() + 1e-5) / (p.sum() + y.sum() + 1e-5)
+  return total
+
+
+def test_segmentation_loss_d11_balanced_matches_numpy():
+  rng = np.random.default_rng(0)
+  y = (rng.random((3, 5, 5)) < 0.2).astype(np.float32)
+  y[0] = 0  # a normal image in the batch
+  maps = [rng.uniform(0.05, 0.95, (3, 5, 5)).astype(np.float32) for _ in range(3)]
+  got = losses.segmentation_loss([f32(m) for m in maps], f32(y))
+  np.testing.assert_allclose(got, np_bayes_pfl_seg(maps, y), rtol=1e-5)
+  # The batch Dice is not the mean of per-image Dice terms.
+  per_image = np.mean([1 - (2 * (maps[0][b] * y[b]).sum() + 1e-5) / (maps[0][b].sum() + y[b].sum() + 1e-5)
+                       for b in range(3)])
+  assert abs(float(losses.batch_dice_loss(f32(maps[0]), f32(y))) - per_image) > 1e-3
+  # Without the Dice term: the class-balanced focal sum alone.
+  no_dice = losses.segmentation_loss([f32(maps[0])], f32(y), use_dice=False)
+  np.testing.assert_allclose(no_dice, np_bayes_pfl_seg([maps[0]], y) - (
+      1 - (2 * (maps[0] * y).sum() + 1e-5) / (maps[0].sum() + y.sum() + 1e-5)), rtol=1e-5)
+
+
+def test_segmentation_loss_mean_form_is_the_earlier_default():
   y = f32([[[1, 0], [0, 0]]])          # [1, 2, 2]
   p1 = f32([[[0.8, 0.1], [0.3, 0.0]]])
   p2 = f32([[[0.5, 0.5], [0.5, 0.5]]])
   f1, f2 = losses.focal_loss(p1, y), losses.focal_loss(p2, y)
-  np.testing.assert_allclose(losses.segmentation_loss([p1, p2], y), (f1 + f2) / 2, rtol=1e-6)
+  mean = dict(form="mean", use_dice=False)
+  np.testing.assert_allclose(losses.segmentation_loss([p1, p2], y, **mean), (f1 + f2) / 2, rtol=1e-6)
   # Dice by hand: p2 vs y = 1 - (2*0.5 + 1)/(2 + 1 + 1) = 0.5; (1-p2) vs (1-y) = 1 - (2*1.5 + 1)/(2 + 3 + 1) = 1/3.
   np.testing.assert_allclose(losses.dice_loss(p2, y), 0.5, rtol=1e-6)
   np.testing.assert_allclose(losses.dice_loss(1 - p2, 1 - y), 1 / 3, rtol=1e-6)
   np.testing.assert_allclose(losses.dice_loss(y, y), 0.0, atol=1e-7)
-  with_dice = losses.segmentation_loss([p2], y, use_dice=True)
+  with_dice = losses.segmentation_loss([p2], y, form="mean", use_dice=True)
   np.testing.assert_allclose(with_dice, f2 + 0.5 + 1 / 3, rtol=1e-6)
   with pytest.raises(ValueError, match=r"scale 1 map has shape \(1, 4\) but the mask has \(1, 2, 2\)"):
     losses.segmentation_loss([p1, p2.reshape(1, 4)], y)
+  with pytest.raises(ValueError, match="form must be one of"):
+    losses.segmentation_loss([p1], y, form="sum")
+
+
+def test_logits_d20_exact_and_keep_gradients():
+  """D20: a map given as logits gives the loss of sigmoid(logit) exactly, and a saturated wrong pixel
+  (|logit| = 40, where a clipped probability would be flat) keeps a gradient."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(0, 2, (2, 4, 4)).astype(np.float32)
+  y = (rng.random((2, 4, 4)) < 0.3).astype(np.float32)
+  for form in ("balanced", "mean"):
+    a = losses.segmentation_loss([f32(x)], f32(y), logits=True, form=form)
+    b = losses.segmentation_loss([jax.nn.sigmoid(f32(x))], f32(y), form=form)
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+  np.testing.assert_allclose(losses.segmentation_loss([f32(x)], f32(y), logits=True),
+                             np_bayes_pfl_seg([1 / (1 + np.exp(-x.astype(np.float64)))], y), rtol=1e-4)
+  sat = f32([[40.0, -40.0]])
+  g = jax.grad(lambda z: losses.segmentation_loss([z], f32([[0, 1]]), logits=True, use_dice=False))(sat)
+  assert np.all(np.abs(np.asarray(g)) > 0.1)
+  # Mixed maps: one flag per map (scales as logits, the fused map as probabilities).
+  both = losses.segmentation_loss([f32(x), jax.nn.sigmoid(f32(x))], f32(y), logits=[True, False])
+  np.testing.assert_allclose(both, 2 * np_bayes_pfl_seg([1 / (1 + np.exp(-x.astype(np.float64)))], y), rtol=1e-4)
+
+
+def test_mask_weight_drops_maskless_images_from_l_seg():
+  """An anomalous image without a mask (weight 0) counts in neither form of L_seg: the loss equals the
+  loss of the batch without it, and its pixels get no gradient."""
+  rng = np.random.default_rng(2)
+  p = rng.uniform(0.05, 0.95, (3, 4, 4)).astype(np.float32)
+  y = (rng.random((3, 4, 4)) < 0.3).astype(np.float32)
+  y[2] = 0  # its mask is missing: the pipeline gives zeros
+  w = f32([1, 1, 0])
+  for form in ("balanced", "mean"):
+    got = losses.segmentation_loss([f32(p)], f32(y), form=form, mask_weight=w)
+    want = losses.segmentation_loss([f32(p[:2])], f32(y[:2]), form=form)
+    if form == "balanced":
+      np.testing.assert_allclose(got, want, rtol=1e-5)
+      np.testing.assert_allclose(got, np_bayes_pfl_seg([p], y, weights=[1, 1, 0]), rtol=1e-5)
+    else:  # the focal mean is over kept pixels; the left-out image's per-image Dice counts as 0
+      focal = losses.focal_loss(f32(p[:2]), f32(y[:2]))
+      dice = [losses.dice_loss(f32(p[:2]), f32(y[:2])), losses.dice_loss(1 - f32(p[:2]), 1 - f32(y[:2]))]
+      np.testing.assert_allclose(got, focal + (2 / 3) * sum(dice), rtol=1e-5)
+    g = jax.grad(lambda q: losses.segmentation_loss([q], f32(y), form=form, mask_weight=w))(f32(p))
+    assert not np.any(np.asarray(g)[2]) and np.any(np.asarray(g)[:2])
 
 
 def test_classification_and_total_eq21_eq22():

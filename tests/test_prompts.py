@@ -19,10 +19,45 @@ def tiny():
   return clip_lib.CLIP(cfg, rngs=nnx.Rngs(0)), clip_lib.byte_level_tokenizer()
 
 
-def test_class_words():
-  assert class_words("metal_nut") == "metal nut"
-  assert class_words("pcb3") == "printed circuit board"
-  assert class_words("Class7") == "class"
+# D4: the prompt words of every category of every benchmark reader, as Bayes-PFL names them.
+EXPECTED_WORDS = {
+    "mvtec": {"bottle": "bottle", "cable": "cable", "capsule": "capsule", "carpet": "carpet", "grid": "grid",
+              "hazelnut": "hazelnut", "leather": "leather", "metal_nut": "metal nut", "pill": "pill",
+              "screw": "screw", "tile": "tile", "toothbrush": "toothbrush", "transistor": "transistor",
+              "wood": "wood", "zipper": "zipper"},
+    "visa": {"candle": "candle", "capsules": "capsules", "cashew": "cashew", "chewinggum": "chewing gum",
+             "fryum": "fryum", "macaroni1": "macaroni", "macaroni2": "macaroni", "pcb1": "printed circuit board",
+             "pcb2": "printed circuit board", "pcb3": "printed circuit board", "pcb4": "printed circuit board",
+             "pipe_fryum": "pipe fryum"},
+    "mpdd": {"bracket_black": "bracket black", "bracket_brown": "bracket brown", "bracket_white": "bracket white",
+             "connector": "connector", "metal_plate": "metal plate", "tubes": "tubes"},
+    "btad": {"01": "metal1", "02": "wood", "03": "metal2"},
+    "ksdd2": {"ksdd2": "metal"},
+    "rsdd": {"rail_type1": "rail", "rail_type2": "rail", "rail": "metal15"},
+    "dagm": {f"Class{i}": f"fabric{i}" for i in range(1, 11)},
+    "dtd": {"Blotchy_099": "blotchy", "Fibrous_183": "fibrous", "Marbled_078": "marbled2", "Matted_069": "matted1",
+            "Mesh_114": "mesh", "Perforated_037": "perforated", "Stratified_154": "stratified",
+            "Woven_001": "woven5", "Woven_068": "woven4", "Woven_104": "woven3", "Woven_125": "woven2",
+            "Woven_127": "woven1"},
+}
+
+
+def test_class_words_of_every_benchmark_category():
+  from ssvp_jax.data.datasets import DATASETS
+  for name, info in DATASETS.items():
+    if not info.categories:  # folder, meta: any names
+      continue
+    assert set(info.categories) == set(EXPECTED_WORDS[name]), name
+    got = {c: class_words(c) for c in info.categories}
+    assert got == EXPECTED_WORDS[name], name
+    assert all(class_words(c, mode="object") == "object" for c in info.categories)
+  # No benchmark category falls back to a meaningless word (the earlier "class", "ksdd", "object").
+  assert not {w for d in EXPECTED_WORDS.values() for w in d.values()} & {"class", "ksdd", "object"}
+
+
+def test_class_words_of_other_names():
+  assert class_words("my-part_A") == "my part a"
+  assert class_words("part2") == "part2"
   assert class_words("screw", mode="object") == "object"
   with pytest.raises(ValueError, match="readable"):
     class_words("screw", mode="nope")

@@ -167,6 +167,9 @@ def test_bfloat16_compute_keeps_float32_parameters():
   templates = trainer.make_templates(tok, ["brick"], model.prompts.n_learnable, "readable",
                                      model.clip.config.text.context_length)
   tmpl = (jnp.asarray(templates.ids), jnp.asarray(templates.eot))
+  # D21: VTAM runs in float32 under bf16 (bf16 scores would be quantised to ~0.004 and tie in the AUROC).
+  out = model.heads(feats, model.prompt_table(tmpl)[batch["class_index"]], deterministic=True)
+  assert all(x.dtype == jnp.float32 for x in (out.s_final, out.s_global, out.p_map, *out.scale_logits))
   opt = optim.make_optimizer(model, c.optim, 10, TRAINABLE)
   step = trainer.TrainStep(model, opt)
   terms = step(batch, tmpl, jax.random.key(0), ml_collections.FrozenConfigDict(c.loss))

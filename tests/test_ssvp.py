@@ -34,7 +34,12 @@ def test_full_size_construction_and_trainable_count():
   # The four taps get a 1024 -> 768 map each (D3), bias-free.
   assert count(model.hsvs.clip_maps, nnx.Param) == 4 * 1024 * 768
   print(f"full-size SSVP: {trainable:,} trainable, {frozen:,} frozen parameters")
-  assert trainable == 25_086_921
+  # D8: 8 latent tokens of 16 make W_K 16x128 and W_V 16x768 (one token of 128: 128x128, 128x768);
+  # D7: one learned temperature. 25,086,920 (one latent token, fixed tau) - 100,352 + 1.
+  assert count(model.vcpg.w_k, nnx.Param) + count(model.vcpg.w_v, nnx.Param) == 16 * 128 + 16 * 768
+  assert count(model.vtam, nnx.Param) - count(model.vtam.scale_gate, nnx.Param) - count(
+      model.vtam.spatial_gates, nnx.Param) == 1
+  assert trainable == 24_986_570
 
 
 @pytest.mark.parametrize("switch, part", [({"fusion": "concat"}, "hsvs"), ({"vcpg": False}, "vcpg"),

@@ -116,3 +116,45 @@ def test_missing_weights_and_roots_are_clear_errors(tmp_path):
   c.train_data.root = ""
   with pytest.raises(ValueError, match="config.train_data.root is empty"):
     trainer.train(c, str(tmp_path))
+
+
+def test_maskless_anomalous_images_train_the_image_loss_only(tmp_path, caplog):
+  """An anomalous training image without a mask (the folder layout allows it) has mask weight 0: its
+  all-zero mask never reaches L_seg (changing it changes nothing), and the trainer logs how many there are."""
+  import jax
+  import ml_collections
+  from PIL import Image
+  from ssvp_jax.models.prompts import make_templates
+
+  c = tiny_config()
+  model, tok = build_model(c)
+  t = make_templates(tok, ["brick"], model.prompts.n_learnable)
+  rng = np.random.default_rng(0)
+  batch = {"clip": rng.normal(size=(4, 28, 28, 3)).astype(np.float32),
+           "dino": rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
+           "mask": np.zeros((4, 28, 28), np.float32), "label": np.array([0, 1, 1, 0], np.int32),
+           "class_index": np.zeros(4, np.int32), "mask_weight": np.array([1, 1, 0, 1], np.float32)}
+  batch["mask"][1, 5:9, 5:9] = 1
+
+  def loss(b):
+    return float(trainer.loss_fn(model, b, (t.ids, t.eot), jax.random.key(0),
+                                 ml_collections.FrozenConfigDict(c.loss))[0])
+
+  base = loss(batch)
+  other = dict(batch, mask=batch["mask"].copy())
+  other["mask"][2, 10:20, 10:20] = 1  # the mask-less image's mask: ignored
+  assert loss(other) == pytest.approx(base, rel=1e-6)
+  other["mask"][1, 10:20, 10:20] = 1  # a weighted image's mask: counts
+  assert loss(other) != pytest.approx(base, rel=1e-4)
+
+  root = tmp_path / "parts"
+  for sub, n in (("good", 4), ("crack", 4)):  # no masks/ folder: the 4 cracks carry no mask
+    os.makedirs(root / sub)
+    for i in range(n):
+      Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / sub / f"{i}.png")
+  c.train_data.name, c.train_data.root = "folder", str(root)
+  c.optim.epochs = 1
+  with caplog.at_level("INFO", logger="ssvp_jax"):
+    _, _, summary = trainer.train(c, str(tmp_path / "wd"))
+  assert np.isfinite(summary["loss/total"])
+  assert "4 of 8 training images are anomalous without a mask" in caplog.text

@@ -8,7 +8,7 @@ from flax import nnx
 
 from ssvp_jax.models import vcpg
 
-B, D, P, Z = 3, 24, 6, 12
+B, D, P, Z = 3, 24, 6, 16  # Z splits into D8's default 8 latent tokens
 
 
 def randomize(module, seed, std=0.3):
@@ -74,34 +74,71 @@ def test_nnx_view_gives_reproducible_evaluation():
   np.testing.assert_array_equal(a.t_final, m(v, t, deterministic=True).t_final)
 
 
-def test_vae_loss_eq9():
+def np_vae_loss(v, recon, mu, lv, beta, rec="sum", kl="sum"):
+  """Eq. 9 with D19's reductions: Bayes-PFL's MSELoss(reduction="sum") / batch, KL summed over Z / batch."""
+  sq, k = (v - recon) ** 2, -0.5 * (1 + lv - mu ** 2 - np.exp(lv))
+  per_rec = sq.sum(-1) if rec == "sum" else sq.mean(-1)
+  per_kl = k.sum(-1) if kl == "sum" else k.mean(-1)
+  return per_rec.mean() + beta * per_kl.mean()
+
+
+def test_vae_loss_eq9_d19():
   rng = np.random.default_rng(3)
   v, recon = rng.normal(size=(B, D)), rng.normal(size=(B, D))
   mu, lv = rng.normal(size=(B, Z)), rng.normal(size=(B, Z)) * 0.5
-  want = ((v - recon) ** 2).mean() + 0.1 * (-0.5 * (1 + lv - mu ** 2 - np.exp(lv)).sum(-1)).mean()
-  got = vcpg.vae_loss(*(jnp.asarray(x, jnp.float32) for x in (v, recon, mu, lv)), 0.1)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-  want_mean = ((v - recon) ** 2).mean() + 0.1 * (-0.5 * (1 + lv - mu ** 2 - np.exp(lv)).mean(-1)).mean()
-  got_mean = vcpg.vae_loss(*(jnp.asarray(x, jnp.float32) for x in (v, recon, mu, lv)), 0.1, "mean")
-  np.testing.assert_allclose(got_mean, want_mean, rtol=1e-5)
+  args = [jnp.asarray(x, jnp.float32) for x in (v, recon, mu, lv)]
+  # D19 default: squared error summed over features (Bayes-PFL), KL summed over latent dims.
+  want = ((v - recon) ** 2).sum() / B + 0.1 * (-0.5 * (1 + lv - mu ** 2 - np.exp(lv))).sum() / B
+  np.testing.assert_allclose(vcpg.vae_loss(*args, 0.1), want, rtol=1e-5)
+  for rec in ("sum", "mean"):
+    for kl in ("sum", "mean"):
+      np.testing.assert_allclose(vcpg.vae_loss(*args, 0.1, kl_reduction=kl, rec_reduction=rec),
+                                 np_vae_loss(v, recon, mu, lv, 0.1, rec, kl), rtol=1e-5)
   zeros = jnp.zeros((B, Z))
   assert float(vcpg.vae_loss(jnp.ones((B, D)), jnp.ones((B, D)), zeros, zeros, 0.1)) == 0.0  # perfect and N(0, I)
-  # The module's L_VAE is Eq. 9 of its own mu, log_var and Dec(z).
-  m = make(4)
+  # The module's L_VAE is Eq. 9 of its own mu, log_var and Dec(z), with its reductions.
   v, t = data()
-  out = m(v, t, rngs=nnx.Rngs(sample=0))
-  np.testing.assert_allclose(out.l_vae, vcpg.vae_loss(v, m.decoder(out.z), out.mu, out.log_var, 0.1), rtol=1e-6)
-  m_mean = make(4, kl_reduction="mean")
-  out = m_mean(v, t, rngs=nnx.Rngs(sample=0))
-  np.testing.assert_allclose(out.l_vae, vcpg.vae_loss(v, m_mean.decoder(out.z), out.mu, out.log_var, 0.1, "mean"),
-                             rtol=1e-6)
+  for kw in ({}, dict(kl_reduction="mean", rec_reduction="mean")):
+    m = make(4, **kw)
+    out = m(v, t, rngs=nnx.Rngs(sample=0))
+    np.testing.assert_allclose(out.l_vae, np_vae_loss(np.asarray(v), np.asarray(m.decoder(out.z)), np.asarray(out.mu),
+                                                      np.asarray(out.log_var), 0.1, kw.get("rec_reduction", "sum"),
+                                                      kw.get("kl_reduction", "sum")), rtol=1e-5)
   with pytest.raises(ValueError, match="kl_reduction must be one of"):
     make(4, kl_reduction="max")
+  with pytest.raises(ValueError, match="rec_reduction must be one of"):
+    vcpg.vae_loss(*args, 0.1, rec_reduction="max")
+
+
+def test_log_var_is_clamped_d21():
+  m = make(11)
+  m.to_log_var.bias[...] = jnp.full((Z,), 500.0)
+  v, t = data()
+  out = m(v, t, rngs=nnx.Rngs(sample=0))
+  assert float(np.max(out.log_var)) == vcpg.LOG_VAR_RANGE[1] and np.isfinite(float(out.l_vae))
+  m.to_log_var.bias[...] = jnp.full((Z,), -500.0)
+  assert float(np.min(m(v, t, rngs=nnx.Rngs(sample=0)).log_var)) == vcpg.LOG_VAR_RANGE[0]
+
+
+def test_vae_input_stop_gradient_d18():
+  """D18: no gradient reaches V_syn^g through VCPG (neither L_VAE nor the prompt path, which reads
+  z = mu(stopgrad(V))); with D18 off both flow. The encoder itself keeps the prompt path's gradient."""
+  v, t = data()
+  probe = jnp.asarray(np.random.default_rng(12).normal(size=(B, P, D)), jnp.float32)
+  for stop in (True, False):
+    m = make(12, stop_grad_input=stop)
+    m.alpha[...] = jnp.asarray(0.5)
+    g_vae = jax.grad(lambda x: m(x, t, deterministic=True).l_vae)(v)
+    assert bool(np.any(np.asarray(g_vae))) == (not stop)
+    g_prompt = jax.grad(lambda x: jnp.sum(probe * m(x, t, deterministic=True).t_final))(v)
+    assert bool(np.any(np.asarray(g_prompt))) == (not stop)
+    g_enc = nnx.grad(lambda mm: jnp.sum(probe * mm(v, t, deterministic=True).t_final))(m)
+    assert np.any(np.asarray(g_enc.to_mu.kernel[...]))
 
 
 def test_one_latent_token_delta_is_z_wv():
-  """D8 default: softmax over one key is 1, so delta = z W_V for every prompt, whatever W_Q, W_K."""
-  m = make(5)
+  """D8 alternative: softmax over one key is 1, so delta = z W_V for every prompt, whatever W_Q, W_K."""
+  m = make(5, latent_tokens=1)
   v, t = data()
   out = m(v, t, rngs=nnx.Rngs(sample=0))
   want = np.asarray(out.z) @ np.asarray(m.w_v.kernel[...])  # [B, D]
@@ -109,21 +146,22 @@ def test_one_latent_token_delta_is_z_wv():
 
 
 def test_latent_tokens_attention_eq10():
-  m = make(6, latent_tokens=3)
+  m = make(6, latent_tokens=4)
   v, t = data()
   out = m(v, t, rngs=nnx.Rngs(sample=0))
-  tok = np.asarray(out.z).reshape(B, 3, Z // 3)
+  tok = np.asarray(out.z).reshape(B, 4, Z // 4)
   q = np.asarray(t) @ np.asarray(m.w_q.kernel[...])                 # [P, 8]
   k = tok @ np.asarray(m.w_k.kernel[...])                            # [B, 3, 8]
   val = tok @ np.asarray(m.w_v.kernel[...])                          # [B, 3, D]
   logits = np.einsum("pc,bkc->bpk", q, k) / np.sqrt(8)
   a = np.exp(logits - logits.max(-1, keepdims=True))
   a /= a.sum(-1, keepdims=True)
-  assert not np.allclose(a, 1 / 3, atol=1e-3)  # the softmax is doing something
+  assert not np.allclose(a, 1 / 4, atol=1e-3)  # the softmax is doing something
+  assert not np.allclose(np.asarray(out.delta)[:, 0], np.asarray(out.delta)[:, 1])  # per-prompt deltas
   np.testing.assert_allclose(out.delta, np.einsum("bpk,bkd->bpd", a, val), rtol=1e-4, atol=1e-5)
-  # Several keys: W_Q and W_K shape the softmax and get a gradient; one key: exactly none (D8 default).
+  # Several keys (D8 default 8): W_Q and W_K shape the softmax and get a gradient; one key: exactly none.
   probe = jnp.asarray(np.random.default_rng(9).normal(size=(B, P, D)), jnp.float32)
-  for tokens, moves in [(3, True), (1, False)]:
+  for tokens, moves in [(8, True), (1, False)]:
     mod = make(6, latent_tokens=tokens, attn_dim=8)
     mod.alpha[...] = jnp.asarray(0.5)
     g = nnx.jit(nnx.grad(lambda mm, r: jnp.sum(probe * mm(v, t, rngs=r).t_final)))(mod, nnx.Rngs(sample=0))
@@ -131,6 +169,7 @@ def test_latent_tokens_attention_eq10():
       assert bool(np.any(np.asarray(getattr(g, name).kernel[...]))) == moves, (tokens, name)
   with pytest.raises(ValueError, match="equal tokens"):
     vcpg.VCPG(D, latent_dim=Z, latent_tokens=5, rngs=nnx.Rngs(0))
+  assert vcpg.VCPG(D, latent_dim=Z, rngs=nnx.Rngs(0)).latent_tokens == 8  # D8 default
 
 
 def test_gated_injection_eq11():

@@ -86,6 +86,24 @@ def test_matches_numpy_eqs_13_to_19():
     np.testing.assert_allclose(got, ref[key], **tol, err_msg=key)
 
 
+def test_scale_logits_d20_and_top_k_d9_match_numpy():
+  """D20: each scale's logit is (M_a - M_n) / tau, and P^l its sigmoid; D9: S_local = mean of the top k."""
+  m = make(1, top_k=5)
+  vl, vg, t = data(1)
+  out = m(vl, vg, t)
+  t64 = t.astype(np.float64)
+  t_n, t_a = unit(unit(t64[:, :3]).mean(1)), unit(unit(t64[:, 3:]).mean(1))
+  for l in range(L):
+    v = unit(vl[l].astype(np.float64))
+    want = (np.einsum("bnd,bd->bn", v, t_a) - np.einsum("bnd,bd->bn", v, t_n)) / TAU
+    np.testing.assert_allclose(out.scale_logits[l], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out.scale_probs[l], np_prob(vl[l].astype(np.float64), t_n, t_a), rtol=1e-4, atol=1e-6)
+  ref = np_reference(m, [v.astype(np.float64) for v in vl], vg.astype(np.float64), t64)
+  s_local = np.sort(ref["p_map"], -1)[:, -5:].mean(-1)
+  np.testing.assert_allclose(out.s_local, s_local, rtol=1e-4)
+  np.testing.assert_allclose(out.s_final, 0.5 * ref["s_global"] + 0.5 * s_local, rtol=1e-4)
+
+
 def test_probability_by_hand_and_bank_aggregation():
   e = np.eye(D, dtype=np.float32)
   # Normal rows all along e0, abnormal rows along e1, with different lengths: D5 ignores lengths.

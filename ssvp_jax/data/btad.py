@@ -7,6 +7,9 @@
 Quirks: images of 01 and 03 are .bmp, of 02 .png; masks of 01 and 02 are `<stem>.png`,
 masks of 03 keep the image's own name (`<stem>.bmp`). Pairing by stem covers all three.
 Normal images get defect "good" (the folder says "ok"), anomalous ones "ko".
+
+Both protocols (ssvp_jax/data/protocols.py) read the whole test split, as Bayes-PFL's BTAD script
+does. Prompt words (D4): Bayes-PFL's names, "metal1" (01), "wood" (02), "metal2" (03).
 """
 
 from __future__ import annotations

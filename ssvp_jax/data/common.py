@@ -113,16 +113,13 @@ def select_categories(found: Sequence[str], wanted: Sequence[str] | None, root: 
 
 
 def image_size(path: str) -> tuple[int, int]:
-  """(height, width) of an image as it will be decoded, EXIF orientation applied; reads the header only.
+  """(height, width) of an image as the pipeline decodes it (as stored, D22); reads the header only.
 
   Raises DatasetError naming the file when it cannot be read.
   """
   try:
     with Image.open(path) as im:
       w, h = im.size
-      # Orientations 5-8 swap width and height (ImageOps.exif_transpose rotates by 90 degrees).
-      if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-        w, h = h, w
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise DatasetError(f"{path}: cannot read image ({e})") from e
   return h, w

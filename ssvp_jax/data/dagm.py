@@ -6,6 +6,11 @@
 Grayscale, 512x512. An image is defective exactly when `Label/<stem>_label.PNG` exists
 (the rule AnomalyCLIP's and AdaCLIP's scripts use); `Label/Labels.txt` is not needed.
 Split "train" reads Train/, "test" reads Test/ (both hold defective images).
+
+Protocols (ssvp_jax/data/protocols.py): "full" reads Class1-Class10 with every image; "bayes_pfl"
+(the paper configs) reads Class1-5, 7 and 8 and keeps, per class, every defective image and as
+many normal ones (the first by file name), as Bayes-PFL's DAGM script does. Prompt words (D4):
+"fabric1" ... "fabric8", Bayes-PFL's names for the classes.
 """
 
 from __future__ import annotations

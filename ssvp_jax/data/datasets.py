@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from ssvp_jax.data import common
+from ssvp_jax.data import common, protocols
 from ssvp_jax.data.btad import BTAD_CATEGORIES, read_btad
 from ssvp_jax.data.common import DatasetError
 from ssvp_jax.data.dagm import DAGM_CATEGORIES, read_dagm
@@ -54,7 +54,7 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 def read_dataset(name: str, root: str, split: str = "test", categories: Sequence[str] | None = None, *,
-                 verify: bool = False) -> list[Record]:
+                 verify: bool = False, protocol: str = "full") -> list[Record]:
   """Reads the records of one split of a dataset on disk.
 
   Args:
@@ -65,13 +65,17 @@ def read_dataset(name: str, root: str, split: str = "test", categories: Sequence
     categories: subset to read; None reads all present.
     verify: also open every image's and mask's header now: unreadable files and masks whose
       size differs from their image raise here instead of when the pipeline loads them.
+    protocol: "full" (the publisher's split) or "bayes_pfl" (the classes and images Bayes-PFL
+      evaluates, see `ssvp_jax.data.protocols`); explicit `categories` override its class list.
   """
   info = DATASETS.get(name.lower())
   if info is None:
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
   if split not in info.splits:
     raise DatasetError(f"{info.title} has no {split!r} split (it has: {', '.join(info.splits)})")
-  records = info.reader(root, split, categories)
+  if categories is None:
+    categories = protocols.default_categories(name.lower(), protocol)
+  records = protocols.apply(name.lower(), info.reader(root, split, categories), protocol)
   if verify:
     common.verify_records(records)
   return records

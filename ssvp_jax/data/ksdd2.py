@@ -6,6 +6,10 @@
 Every image has a `_GT` mask; negatives have an all-zero one. An image is positive when
 its mask has any pixel > 0, so reading a split decodes every mask once (about 1 ms each,
 3,335 masks in all). Negatives get mask_path None, like normal images everywhere else.
+
+Protocols (ssvp_jax/data/protocols.py): "full" keeps every image of the split; "bayes_pfl" (the
+paper configs) keeps every positive and only as many negatives (the first by file name), as
+Bayes-PFL's KSDD2 script does. Prompt word (D4): "metal", Bayes-PFL's name for the class.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     python -m ssvp_jax.data.make_meta --dataset mvtec --root /data/mvtec_anomaly_detection
     python -m ssvp_jax.data.make_meta --dataset rsdd --root /data/RSDD --splits test
+    python -m ssvp_jax.data.make_meta --dataset dagm --root /data/DAGM2007 --protocol bayes_pfl
 
 Prints, per category, the number of train images and of normal / anomalous test images.
 """
@@ -20,10 +21,12 @@ from ssvp_jax.data.records import Record
 
 
 def make_meta(dataset: str, root: str, *, splits: Sequence[str] | None = None,
-              categories: Sequence[str] | None = None, out: str | None = None) -> tuple[dict[str, list[Record]], str]:
-  """Reads `splits` (default: all the dataset has) and writes meta.json; returns (records by split, path)."""
+              categories: Sequence[str] | None = None, out: str | None = None,
+              protocol: str = "full") -> tuple[dict[str, list[Record]], str]:
+  """Reads `splits` (default: all the dataset has) under `protocol` ("full" or "bayes_pfl", see
+  ssvp_jax/data/protocols.py) and writes meta.json; returns (records by split, path)."""
   splits = splits or DATASETS[dataset].splits
-  by_split = {s: read_dataset(dataset, root, s, categories) for s in splits}
+  by_split = {s: read_dataset(dataset, root, s, categories, protocol=protocol) for s in splits}
   return by_split, write_meta(by_split, root, out)
 
 
@@ -51,11 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="splits to index (default: all the dataset has)")
   p.add_argument("--categories", nargs="+", help="subset of categories (default: all present)")
   p.add_argument("--out", help="output path (default: ROOT/meta.json)")
+  p.add_argument("--protocol", choices=["full", "bayes_pfl"], default="full",
+                 help="full: the publisher's split; bayes_pfl: the classes and images Bayes-PFL evaluates "
+                      "(DAGM classes 1-5, 7, 8; normal test images of DAGM, KSDD2, RSDD capped at the defective count)")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   try:
     by_split, path = make_meta(args.dataset, args.root, splits=args.splits, categories=args.categories,
-                               out=args.out)
+                               out=args.out, protocol=args.protocol)
   except DatasetError as e:
     hint = "" if args.splits else " (a copy without a train split: pass --splits test)"
     print(f"error: {e}{hint}", file=sys.stderr)

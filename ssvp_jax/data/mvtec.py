@@ -24,7 +24,9 @@ MVTEC_CATEGORIES = (
 MPDD_CATEGORIES = (
     "bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")
 # The folder names of the DTD-Synthetic release (Aota et al., WACV 2023), as AnomalyCLIP and
-# AdaCLIP list them; anomalies sit under test/bad and ground_truth/bad.
+# AdaCLIP list them; anomalies sit under test/bad and ground_truth/bad. Both protocols
+# (ssvp_jax/data/protocols.py) read all 12 with the whole test split, as Bayes-PFL's DTD script
+# does; the prompt words (D4) are Bayes-PFL's names ("woven1", "blotchy", ...).
 DTD_CATEGORIES = (
     "Blotchy_099", "Fibrous_183", "Marbled_078", "Matted_069", "Mesh_114", "Perforated_037",
     "Stratified_154", "Woven_001", "Woven_068", "Woven_104", "Woven_125", "Woven_127")

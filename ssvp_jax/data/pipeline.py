@@ -69,13 +69,13 @@ DINO_VIEW = View("dino", 592, IMAGENET_MEAN, IMAGENET_STD)
 DEFAULT_VIEWS = (CLIP_VIEW, DINO_VIEW)
 
 
-def _open(path: str) -> Image.Image:
-  """Decodes a file fully, EXIF orientation applied; DatasetError naming the file on failure."""
+def _open(path: str, upright: bool = False) -> Image.Image:
+  """Decodes a file fully (EXIF orientation applied when `upright`); DatasetError naming the file on failure."""
   try:
     with Image.open(path) as im:
       _check_size(path, im.width, im.height)
       im.load()
-      return ImageOps.exif_transpose(im)
+      return ImageOps.exif_transpose(im) if upright else im.copy()
   except DatasetError:
     raise
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -90,8 +90,12 @@ def _check_size(path: str, width: int, height: int) -> None:
                        f"about 16 bytes of memory per pixel, or downscale the image")
 
 
-def load_image(path: str) -> np.ndarray:
-  """Reads any image as float32 [H, W, 3] in [0, 1], upright (EXIF orientation applied).
+def load_image(path: str, upright: bool = False) -> np.ndarray:
+  """Reads any image as float32 [H, W, 3] in [0, 1].
+
+  D22: pixels as stored by default (benchmark and training images: their masks carry no EXIF
+  tag, and the reference code reads raw pixels); `upright=True` applies the EXIF orientation
+  (a user's phone photos in predict/calibrate).
 
   Grayscale is repeated to three channels; 16-bit grayscale (PNG, TIFF) keeps its
   precision (/65535); 32-bit integer images are read as 16-bit data; float images are
@@ -99,7 +103,7 @@ def load_image(path: str) -> np.ndarray:
   as PIL's `convert("RGB")` in the reference code does. Pillow reads 16-bit-per-channel
   colour PNGs as 8-bit RGB.
   """
-  im = _open(path)
+  im = _open(path, upright)
   if im.mode in _16BIT_MODES or im.mode == "I":
     a = np.asarray(im).astype(np.float32) / 65535.0
   elif im.mode == "F":
@@ -173,7 +177,7 @@ def load_example(record: Record, views: Sequence[View], mask_size: int, index: i
   if record.mask_path is not None:
     full = load_mask(record.mask_path)  # [H, W]
     if full.shape != image.shape[:2]:
-      hint = " (transposed: is one of them EXIF-rotated?)" if full.shape == image.shape[1::-1] else ""
+      hint = " (transposed?)" if full.shape == image.shape[1::-1] else ""
       raise DatasetError(f"{record.mask_path}: mask is {full.shape[1]}x{full.shape[0]} but its image "
                          f"{record.image_path} is {image.shape[1]}x{image.shape[0]} (width x height){hint}")
     mask = resize_mask(full, mask_size).astype(np.float32)

@@ -13,6 +13,11 @@ behind the zero-shot numbers, which need normal images):
     <root>/neg/<stem>.jpg (its all-zero <stem>.png, if any, is ignored)
 
 Masks are paired by stem. In the release an image whose mask is empty counts as normal.
+
+Protocols (ssvp_jax/data/protocols.py): "full" keeps every image; "bayes_pfl" (the paper configs,
+which read only the "rail" pos/neg form) keeps every defective crop and as many normal ones (the
+first by file name), as Bayes-PFL's RSDD script does. Prompt words (D4): "metal15" for "rail",
+Bayes-PFL's name for it; "rail" for the two release categories, which Bayes-PFL does not use.
 """
 
 from __future__ import annotations

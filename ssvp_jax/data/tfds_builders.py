@@ -97,7 +97,7 @@ def _zero_mask_png(height: int, width: int) -> bytes:
 
 
 def encode_image(path: str) -> tuple[bytes, tuple[int, int]]:
-  """Encoded image for the `image` feature and its upright (height, width).
+  """Encoded image for the `image` feature and its (height, width), pixels as stored (D22).
 
   8-bit RGB or grayscale PNG/JPEG without EXIF rotation is stored as the file's own bytes
   (no re-compression of JPEGs); anything else goes through `pipeline.load_image`, so TFDS

@@ -21,6 +21,11 @@ FUSIONS = ("atf", "concat")
 LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default, as in both backbones (TRAPS: Flax's is 1e-6).
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / ||x|| along the last axis (eps inside the root keeps the gradient finite at 0)."""
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
 def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
   """Eq. 3: A = softmax(Q K^T / sqrt(d_head)) V, per head, heads concatenated.
 
@@ -143,6 +148,11 @@ class HSVS(nnx.Module):
     share_scales: D1 alternative; one fusion block serves every local scale.
       The global pair keeps its own block either way, and the per-layer CLIP
       maps stay per layer (they are D3, not D1).
+    normalize_clip: D3 (default True): each mapped CLIP token is L2-normalised after its
+      per-layer map, as Bayes-PFL (`linear_proj` then `F_s / F_s.norm()`), so that the
+      residual of Eq. 5 and the gates do not scale with the residual stream's norm, which
+      grows with depth. False: the mapped tokens as they are (the earlier default). Only
+      applies where the map exists (clip_in_dim set).
 
   The global pair runs the same ATF code with N = 1, where each softmax is
   over one key: the global block's four Q/K projections (q_c, k_d, q_d, k_c)
@@ -153,13 +163,15 @@ class HSVS(nnx.Module):
   def __init__(self, num_scales: int = 4, *, clip_dim: int = 768, dino_dim: int = 1024,
                clip_in_dim: int | None = 1024, num_heads: int = 8, head_dim: int = 64,
                mlp_dim: int | None = None, fusion: str = "atf", share_scales: bool = False,
-               ln_eps: float = LN_EPS, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               normalize_clip: bool = True, ln_eps: float = LN_EPS, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if fusion not in FUSIONS:
       raise ValueError(f"hsvs.HSVS: fusion must be one of {FUSIONS}, got {fusion!r}")
     if num_scales < 1:
       raise ValueError(f"hsvs.HSVS: num_scales must be >= 1, got {num_scales}")
     self.num_scales, self.clip_dim, self.dino_dim = num_scales, clip_dim, dino_dim
     self.clip_in_dim, self.fusion, self.share_scales = clip_in_dim, fusion, share_scales
+    self.normalize_clip = normalize_clip
 
     def block():
       if fusion == "atf":
@@ -199,6 +211,8 @@ class HSVS(nnx.Module):
                          f"(clip_in_dim={self.clip_in_dim})")
       if self.clip_maps is not None:
         f_c = self.clip_maps[l](f_c)  # D3: [B, N, clip_in_dim] -> [B, N, D_c]
+        if self.normalize_clip:
+          f_c = l2_normalize(f_c)
       local.append(self.local_blocks[0 if self.share_scales else l](f_c, f_d))
     if clip_global.ndim != 2 or dino_global.ndim != 2:
       raise ValueError(f"hsvs.HSVS: global features must be [B, D], got {clip_global.shape} and {dino_global.shape}")

@@ -18,25 +18,43 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Readable words for the category folder names of the benchmarks (D4, as Bayes-PFL words them).
-_READABLE = {
+# D4: the prompt words of every benchmark category, as Bayes-PFL names them (`models/VPB.py`
+# class_mapping for MVTec-AD / VisA; the class folders its `dataset/datasets/*.py` scripts write
+# for the others, lower-cased as its `prompt_names` does). Categories not listed here (MVTec-AD's
+# and VisA's other ones, a user's folders) are read off their folder names by `class_words`.
+CLASS_WORDS = {
+    # MVTec-AD and VisA
     "metal_nut": "metal nut", "pcb1": "printed circuit board", "pcb2": "printed circuit board",
     "pcb3": "printed circuit board", "pcb4": "printed circuit board", "macaroni1": "macaroni",
     "macaroni2": "macaroni", "chewinggum": "chewing gum", "pipe_fryum": "pipe fryum",
-    "capsules": "capsules", "01": "object", "02": "object", "03": "object",
+    # BTAD
+    "01": "metal1", "02": "wood", "03": "metal2",
+    # KSDD2 (one class)
+    "ksdd2": "metal",
+    # RSDD: the pos/neg form Bayes-PFL reads; the release's two types are not in Bayes-PFL
+    "rail": "metal15", "rail_type1": "rail", "rail_type2": "rail",
+    # DAGM 2007 (Bayes-PFL evaluates 1-5, 7, 8; the other three named alike)
+    **{f"Class{i}": f"fabric{i}" for i in range(1, 11)},
+    # DTD-Synthetic
+    "Woven_127": "woven1", "Woven_125": "woven2", "Woven_104": "woven3", "Woven_068": "woven4",
+    "Woven_001": "woven5", "Stratified_154": "stratified", "Perforated_037": "perforated", "Mesh_114": "mesh",
+    "Matted_069": "matted1", "Marbled_078": "marbled2", "Fibrous_183": "fibrous", "Blotchy_099": "blotchy",
 }
 
 
 def class_words(category: str, mode: str = "readable") -> str:
-  """The words that stand for `category` in a prompt (D4): readable name, or "object"."""
+  """The words that stand for `category` in a prompt (D4): readable name, or "object".
+
+  "readable": `CLASS_WORDS` for the benchmark categories; any other name has its underscores
+  and dashes turned into spaces and is lower-cased ("metal_plate" -> "metal plate").
+  """
   if mode == "object":
     return "object"
   if mode != "readable":
     raise ValueError(f"class_words mode must be 'readable' or 'object', got {mode!r}")
-  if category in _READABLE:
-    return _READABLE[category]
-  words = re.sub(r"[_\-]+", " ", category)
-  words = re.sub(r"(?<=[a-z])\d+$", "", words).strip().lower()  # "Class3" -> "class"
+  if category in CLASS_WORDS:
+    return CLASS_WORDS[category]
+  words = re.sub(r"[_\-]+", " ", category).strip().lower()
   return words or "object"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -38,6 +39,7 @@ class Features(NamedTuple):
 
 class Outputs(NamedTuple):
   scale_probs: tuple[jax.Array, ...]  # L x [B, h, w]  P^l (Eq. 14)
+  scale_logits: tuple[jax.Array, ...]  # L x [B, h, w]  (M_a - M_n) / tau (D20)
   p_map: jax.Array                    # [B, h, w]      Eq. 17
   s_global: jax.Array                 # [B]
   s_local: jax.Array                  # [B]
@@ -75,14 +77,16 @@ class SSVP(nnx.Module):
     self.hsvs = HSVS(len(self.clip_layers), clip_dim=dim, dino_dim=dino_dim,
                      clip_in_dim=clip.config.vision.width if local_tokens == "raw" else None,
                      num_heads=cfg.atf_heads, head_dim=cfg.atf_head_dim, fusion=cfg.fusion,
-                     share_scales=cfg.atf_shared, dtype=dtype, rngs=rngs)
+                     share_scales=cfg.atf_shared, normalize_clip=cfg.get("clip_token_norm", False),
+                     dtype=dtype, rngs=rngs)
     self.vcpg = VCPG(dim, latent_dim=cfg.latent_dim, latent_tokens=cfg.latent_tokens, beta=cfg.beta,
-                     kl_reduction=cfg.kl_reduction, xi=cfg.xi,
+                     kl_reduction=cfg.kl_reduction, rec_reduction=cfg.get("rec_reduction", "mean"),
+                     stop_grad_input=cfg.get("vae_stop_grad", False), xi=cfg.xi,
                      use_ln=cfg.prompt_ln, enabled=cfg.vcpg, dtype=dtype, rngs=rngs)
+    # D21: VTAM computes in float32 (dtype None on float32 inputs, see `heads`).
     self.vtam = VTAM(dim, len(self.clip_layers), num_normal=cfg.n_prompts, tau=cfg.tau, learn_tau=cfg.learn_tau,
                      gating=cfg.gating, s_global={"prob": "softmax", "cosine": "cosine"}[cfg.s_global],
-                     top_k=cfg.s_local_topk if cfg.s_local == "topk" else None, gamma=cfg.gamma, dtype=dtype,
-                     rngs=rngs)
+                     top_k=cfg.s_local_topk if cfg.s_local == "topk" else None, gamma=cfg.gamma, rngs=rngs)
 
   # ---------------------------------------------------------------- frozen part (SPEC section 1)
 
@@ -120,10 +124,12 @@ class SSVP(nnx.Module):
     """
     v_local, v_global = self.hsvs(feats.clip_local, feats.dino_local, feats.clip_global, feats.dino_global)
     vc = self.vcpg(v_global, t_init, rngs=rngs, deterministic=deterministic)
-    out = self.vtam(v_local, v_global, vc.t_final)
+    f32 = lambda x: x.astype(jnp.float32)  # D21: VTAM in float32 under a bfloat16 compute dtype
+    out = self.vtam([f32(v) for v in v_local], f32(v_global), f32(vc.t_final))
     b, n = out.p_map.shape
     h, w = _grid(n)
     return Outputs(scale_probs=tuple(p.reshape(b, h, w) for p in out.scale_probs),
+                   scale_logits=tuple(x.reshape(b, h, w) for x in out.scale_logits),
                    p_map=out.p_map.reshape(b, h, w), s_global=out.s_global, s_local=out.s_local,
                    s_final=out.s_final, l_vae=vc.l_vae, l_reg=vc.l_reg)
 

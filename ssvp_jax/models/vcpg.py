@@ -13,7 +13,12 @@ z = mu: pass `deterministic=True`, or build the evaluation model with
 
 Shapes: B batch, D prompt/feature width (768), P prompts (6: 3 normal then 3
 abnormal; VCPG itself treats all rows alike), Z latent width (128), K latent
-tokens (1, D8). T_init is [P, D] (one class for the whole batch) or [B, P, D]
+tokens (8 of 16 dims, D8).
+
+D18: the VAE reads V_syn^g through a stop-gradient (encoder input and
+reconstruction target), as Bayes-PFL's VAE reads a frozen feature: the VAE
+models the feature and does not reshape HSVS. The prompts still receive the
+latent (z, and through it the encoder, get the prompt path's gradient). T_init is [P, D] (one class for the whole batch) or [B, P, D]
 (each image's own class rows); T_final is always [B, P, D].
 """
 
@@ -26,9 +31,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssvp_jax.models.hsvs import LN_EPS, MLP
+from ssvp_jax.models.hsvs import LN_EPS, MLP, l2_normalize
 
 KL_REDUCTIONS = ("sum", "mean")
+LOG_VAR_RANGE = (-30.0, 20.0)  # D21: exp(log_var) stays finite in float32 and bfloat16
 
 
 class VCPGOutput(NamedTuple):
@@ -51,16 +57,23 @@ def reparameterize(mu: jax.Array, log_var: jax.Array, eps: jax.Array | None) -> 
 
 
 def vae_loss(v: jax.Array, recon: jax.Array, mu: jax.Array, log_var: jax.Array, beta: float,
-             kl_reduction: str = "sum") -> jax.Array:
+             kl_reduction: str = "sum", rec_reduction: str = "sum") -> jax.Array:
   """Eq. 9: L_VAE = ||V - Dec(z)||^2 + beta * KL(N(mu, exp(log_var)) || N(0, I)).
 
-  Reductions: the squared error is averaged over features and batch (a mean
-  squared error, so its size does not grow with D). The KL is averaged over
-  the batch and, per image, either summed over the Z latent dims
+  Reductions (D19): per image, the squared error is SUMMED over the D features
+  (rec_reduction="sum", Bayes-PFL's `MSELoss(reduction="sum") / batch`, the
+  squared norm that Eq. 9 writes) or averaged ("mean", D times smaller: the
+  earlier default, which tipped the reconstruction/KL balance by D, an
+  effective beta of ~0.1 * 768); the KL is summed over the Z latent dims
   (kl_reduction="sum", the true KL of the diagonal Gaussian) or averaged
-  ("mean", Z times smaller). v, recon [B, D]; mu, log_var [B, Z] -> scalar.
+  ("mean"). Both are then averaged over the batch.
+  v, recon [B, D]; mu, log_var [B, Z] -> scalar.
   """
-  rec = jnp.mean(jnp.square(v - recon))
+  for name, value in (("rec_reduction", rec_reduction), ("kl_reduction", kl_reduction)):
+    if value not in KL_REDUCTIONS:
+      raise ValueError(f"vcpg.vae_loss: {name} must be one of {KL_REDUCTIONS}, got {value!r}")
+  sq = jnp.square(v - recon)  # [B, D]
+  rec = jnp.mean(jnp.sum(sq, axis=-1) if rec_reduction == "sum" else jnp.mean(sq, axis=-1))
   kl = -0.5 * (1.0 + log_var - jnp.square(mu) - jnp.exp(log_var))  # [B, Z]
   kl = jnp.sum(kl, axis=-1) if kl_reduction == "sum" else jnp.mean(kl, axis=-1)
   return rec + beta * jnp.mean(kl)
@@ -77,16 +90,12 @@ def text_latent_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
   return jnp.einsum("bpk,bkd->bpd", jax.nn.softmax(logits, axis=-1), v)
 
 
-def _unit(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
-
-
 def margin_regularizer(t_final: jax.Array, t_init: jax.Array, xi: float) -> jax.Array:
   """Eq. 12: L_reg = mean over prompts (and images) of max(0, xi - cos(T_final, sg(T_init))).
 
   t_final [B, P, D], t_init [B, P, D] or [P, D] -> scalar. The gradient reaches T_final only.
   """
-  cos = jnp.sum(_unit(t_final) * _unit(jax.lax.stop_gradient(t_init)), axis=-1)  # [B, P]
+  cos = jnp.sum(l2_normalize(t_final) * l2_normalize(jax.lax.stop_gradient(t_init)), axis=-1)  # [B, P]
   return jnp.mean(jax.nn.relu(xi - cos))
 
 
@@ -96,14 +105,16 @@ class VCPG(nnx.Module):
   Args:
     dim: D, width of V_syn^g and of the prompt embeddings (768).
     latent_dim: Z (D8: 128).
-    latent_tokens: K; the latent is split into K tokens of Z/K dims (D8: 1).
-      With K = 1 the softmax of Eq. 10 is over one key, so W_Q and W_K never
-      affect the output and never get a gradient (kept: one code path for all K).
+    latent_tokens: K; the latent is split into K tokens of Z/K dims (D8: 8, so that
+      Eq. 10's attention differs per prompt). With K = 1 (the earlier default) the
+      softmax is over one key, so W_Q and W_K never affect the output and never get a
+      gradient, and delta is the same vector for every prompt.
     attn_dim: d_k of Eq. 10 (the paper gives none; 128).
     dec_dim: hidden width of the decoder MLP Dec (None: dim).
     beta: KL weight of Eq. 9 (0.1).
-    kl_reduction: "sum" (default, the true KL) or "mean" over latent dims; see
-      `vae_loss`. Summed, the KL term is the largest loss at initialisation.
+    kl_reduction, rec_reduction: D19, "sum" (default) or "mean"; see `vae_loss`.
+    stop_grad_input: D18 (default True): V_syn^g enters the VAE (encoder input and
+      reconstruction target) through a stop-gradient; False lets L_VAE reshape HSVS.
     xi: margin of Eq. 12 (0.85).
     use_ln: D12, the LayerNorm of Eq. 11 (on); off gives T_init + alpha * delta.
     enabled: False is the "VCPG off" ablation: T_final = T_init for every
@@ -112,17 +123,19 @@ class VCPG(nnx.Module):
       deterministic=True)` and the call argument both override it.
   """
 
-  def __init__(self, dim: int = 768, *, latent_dim: int = 128, latent_tokens: int = 1, attn_dim: int = 128,
-               dec_dim: int | None = None, beta: float = 0.1, kl_reduction: str = "sum", xi: float = 0.85,
+  def __init__(self, dim: int = 768, *, latent_dim: int = 128, latent_tokens: int = 8, attn_dim: int = 128,
+               dec_dim: int | None = None, beta: float = 0.1, kl_reduction: str = "sum",
+               rec_reduction: str = "sum", stop_grad_input: bool = True, xi: float = 0.85,
                use_ln: bool = True, ln_eps: float = LN_EPS, enabled: bool = True, deterministic: bool = False,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if latent_tokens < 1 or latent_dim % latent_tokens:
       raise ValueError(f"vcpg.VCPG: latent_dim {latent_dim} must split into latent_tokens {latent_tokens} "
                        "equal tokens")
-    if kl_reduction not in KL_REDUCTIONS:
-      raise ValueError(f"vcpg.VCPG: kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
+    for name, value in (("kl_reduction", kl_reduction), ("rec_reduction", rec_reduction)):
+      if value not in KL_REDUCTIONS:
+        raise ValueError(f"vcpg.VCPG: {name} must be one of {KL_REDUCTIONS}, got {value!r}")
     self.dim, self.latent_dim, self.latent_tokens = dim, latent_dim, latent_tokens
-    self.kl_reduction = kl_reduction
+    self.kl_reduction, self.rec_reduction, self.stop_grad_input = kl_reduction, rec_reduction, stop_grad_input
     self.beta, self.xi, self.use_ln, self.enabled = beta, xi, use_ln, enabled
     self.deterministic = deterministic
     if not enabled:
@@ -149,8 +162,11 @@ class VCPG(nnx.Module):
       self.deterministic = deterministic
 
   def encode(self, v_global: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Eq. 7: mu = F_mu(V_syn^g), log_var = F_sigma(V_syn^g); [B, D] -> 2 x [B, Z]."""
-    return self.to_mu(v_global), self.to_log_var(v_global)
+    """Eq. 7: mu = F_mu(V_syn^g), log_var = F_sigma(V_syn^g); [B, D] -> 2 x [B, Z].
+
+    log_var is clamped to LOG_VAR_RANGE (D21), so exp(log_var) neither overflows nor vanishes.
+    """
+    return self.to_mu(v_global), jnp.clip(self.to_log_var(v_global), *LOG_VAR_RANGE)
 
   def modulate(self, t_init: jax.Array, z: jax.Array) -> jax.Array:
     """Projections of Eq. 10; t_init [B, P, D], z [B, Z] -> delta [B, P, D]."""
@@ -178,6 +194,8 @@ class VCPG(nnx.Module):
       return VCPGOutput(t_init, zero, zero)
 
     deterministic = self.deterministic if deterministic is None else deterministic
+    if self.stop_grad_input:  # D18
+      v_global = jax.lax.stop_gradient(v_global)
     mu, log_var = self.encode(v_global)
     eps = None
     if not deterministic:
@@ -189,6 +207,7 @@ class VCPG(nnx.Module):
     recon = self.decoder(z)
     delta = self.modulate(t_init, z)
     t_final = self.inject(t_init, delta)
-    return VCPGOutput(t_final=t_final, l_vae=vae_loss(v_global, recon, mu, log_var, self.beta, self.kl_reduction),
+    return VCPGOutput(t_final=t_final, l_vae=vae_loss(v_global, recon, mu, log_var, self.beta, self.kl_reduction,
+                                                          self.rec_reduction),
                       l_reg=margin_regularizer(t_final, t_init, self.xi), mu=mu, log_var=log_var, z=z,
                       recon=recon, delta=delta)

@@ -3,7 +3,11 @@
 Each scale's V_syn^l tokens are compared with the normal and abnormal prompt
 prototypes (Eqs. 13-14); a scale gate from the global feature (Eq. 15) and a
 spatial gate per scale (Eq. 16) mix the maps (Eq. 17); the map's maximum
-(Eq. 18) calibrates the global score (Eq. 19).
+(Eq. 18, or D9's mean of the top-k values) calibrates the global score (Eq. 19).
+
+D21: everything here runs in float32 whatever the compute dtype of the rest
+(the caller casts V_syn and T_final; the gates are built without a dtype), so
+bfloat16 runs do not quantise the scores (bf16 steps are ~0.004 near 0.5).
 
 Shapes: B batch, N = h * w tokens, D width (768), L scales, P prompts
 (`num_normal` normal rows first, then the abnormal rows).
@@ -18,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssvp_jax.models.hsvs import MLP
+from ssvp_jax.models.hsvs import MLP, l2_normalize
 
 S_GLOBAL_FORMS = ("softmax", "cosine")
 
@@ -26,17 +30,13 @@ S_GLOBAL_FORMS = ("softmax", "cosine")
 class VTAMOutput(NamedTuple):
   """Everything VTAM computes; tuples hold one entry per scale."""
   scale_probs: tuple[jax.Array, ...]    # L x [B, N]  P^l (Eq. 14)
+  scale_logits: tuple[jax.Array, ...]   # L x [B, N]  (M_a - M_n) / tau, P^l = sigmoid of it (D20)
   p_map: jax.Array                      # [B, N]      Eq. 17
   s_global: jax.Array                   # [B]         D6
   s_local: jax.Array                    # [B]         Eq. 18 / D9
   s_final: jax.Array                    # [B]         Eq. 19
   scale_weights: jax.Array              # [B, L]      w (Eq. 15)
   spatial_gates: tuple[jax.Array, ...]  # L x [B, N]  G^l (Eq. 16)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / ||x|| along the last axis (eps inside the root keeps the gradient finite at 0)."""
-  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 def bank_prototypes(t_final: jax.Array, num_normal: int) -> tuple[jax.Array, jax.Array]:
@@ -49,16 +49,21 @@ def bank_prototypes(t_final: jax.Array, num_normal: int) -> tuple[jax.Array, jax
           l2_normalize(jnp.mean(rows[:, num_normal:], axis=1)))
 
 
-def anomaly_probability(v: jax.Array, t_n: jax.Array, t_a: jax.Array, inv_tau: jax.Array | float) -> jax.Array:
-  """Eqs. 13-14: P = softmax([cos(v, t_n), cos(v, t_a)] / tau)[abnormal].
+def anomaly_logit(v: jax.Array, t_n: jax.Array, t_a: jax.Array, inv_tau: jax.Array | float) -> jax.Array:
+  """Eqs. 13-14 as a logit (D20): (cos(v, t_a) - cos(v, t_n)) / tau.
 
-  v [B, ..., D] (tokens [B, N, D] or the global feature [B, D]); t_n, t_a
-  [B, D] unit -> [B, ...] in (0, 1).
+  v [B, ..., D] (tokens [B, N, D] or the global feature [B, D]); t_n, t_a [B, D] unit -> [B, ...].
+  The two-way softmax of Eq. 14 is the sigmoid of this difference.
   """
   v = l2_normalize(v)
   m_n = jnp.einsum("b...d,bd->b...", v, t_n)  # Eq. 13
   m_a = jnp.einsum("b...d,bd->b...", v, t_a)
-  return jax.nn.softmax(jnp.stack([m_n, m_a], axis=-1) * inv_tau, axis=-1)[..., 1]  # Eq. 14
+  return (m_a - m_n) * inv_tau
+
+
+def anomaly_probability(v: jax.Array, t_n: jax.Array, t_a: jax.Array, inv_tau: jax.Array | float) -> jax.Array:
+  """Eq. 14: P = softmax([cos(v, t_n), cos(v, t_a)] / tau)[abnormal] = sigmoid(`anomaly_logit`); in (0, 1)."""
+  return jax.nn.sigmoid(anomaly_logit(v, t_n, t_a, inv_tau))
 
 
 def fuse_maps(probs: jax.Array, weights: jax.Array, gates: jax.Array) -> jax.Array:
@@ -86,7 +91,8 @@ class VTAM(nnx.Module):
     num_scales: L (4).
     num_normal: how many leading prompt rows form the normal bank (3).
     tau: temperature of Eq. 14 and of S_global (0.07).
-    learn_tau: D7 option; tau becomes a learned `log(1/tau)` parameter.
+    learn_tau: D7; tau becomes a learned `log(1/tau)` parameter (the optimiser gives it its
+      own learning rate, `optim.lr_tau`); False keeps tau fixed.
     gating: False is the "gating off" ablation: w uniform (1/L), G^l = 1, and
       no gate parameters are created.
     gate_dim: hidden width of MLP_gate (the paper gives none; None: dim // 4).
@@ -159,12 +165,13 @@ class VTAM(nnx.Module):
 
     t_n, t_a = bank_prototypes(t_final, self.num_normal)  # [B, D] each
     inv_tau = self.inv_tau()
-    probs = tuple(anomaly_probability(v, t_n, t_a, inv_tau) for v in v_local)  # L x [B, N]
+    logits = tuple(anomaly_logit(v, t_n, t_a, inv_tau) for v in v_local)      # L x [B, N]
+    probs = tuple(jax.nn.sigmoid(x) for x in logits)                          # Eq. 14
     gates = tuple(self.spatial_gate(l, v) for l, v in enumerate(v_local))     # L x [B, N]
     weights = self.scale_weights(v_global)                                     # [B, L]
     p_map = fuse_maps(jnp.stack(probs, axis=1), weights, jnp.stack(gates, axis=1))
     s_global = self.global_score(v_global, t_n, t_a)
     s_local = local_score(p_map, self.top_k)
-    return VTAMOutput(scale_probs=probs, p_map=p_map, s_global=s_global, s_local=s_local,
+    return VTAMOutput(scale_probs=probs, scale_logits=logits, p_map=p_map, s_global=s_global, s_local=s_local,
                       s_final=final_score(s_global, s_local, self.gamma), scale_weights=weights,
                       spatial_gates=gates)
