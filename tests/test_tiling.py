@@ -47,18 +47,32 @@ def test_one_tile_is_the_whole_image_path(engine, tmp_path):  # noqa: F811
   assert float(tiled[0]["s_local"]) == pytest.approx(tiled_map.max(), abs=1e-6)
 
 
-def test_tiles_find_a_small_defect_that_the_whole_image_resize_erases(engine):  # noqa: F811
+def test_tiles_find_a_small_defect_that_the_whole_image_resize_erases(engine, tmp_path):  # noqa: F811
+  """A 12-px defect on a 2048-px texture, scored with a reference bank of good tiles of the same texture
+  (the tiny test model's zero-shot heads have trained 8 steps: their maps say little). Resized whole,
+  the defect is a sixth of a pixel and the map cannot see it; cut into 84-px tiles it covers a patch."""
+  def texture(seed):
+    bg = gaussian_filter(np.random.default_rng(seed).standard_normal((n, n)), 2.0)
+    return np.repeat((0.5 + 0.08 * bg / bg.std())[:, :, None], 3, axis=2).astype(np.float32)
+
   n, y, x = 2048, 1200, 700
-  bg = gaussian_filter(np.random.default_rng(0).standard_normal((n, n)), 2.0)
-  image = np.repeat((0.5 + 0.08 * bg / bg.std())[:, :, None], 3, axis=2).astype(np.float32)
+  good = texture(1)
+  refs = []
+  for i, (gy, gx) in enumerate([(0, 0), (500, 900), (1500, 300), (900, 1700)]):  # good tiles, tile-sized
+    refs.append(str(tmp_path / f"ref{i}.png"))
+    Image.fromarray((good[gy:gy + 84, gx:gx + 84] * 255).astype(np.uint8)).save(refs[-1])
+  bank, used, _ = inference.bank_from_files(engine, refs, batch_size=4, workers=1)
+  assert len(used) == 4
+  engine = engine.with_bank(bank, {"num_references": len(used)})  # fused at config.reference.weight
+  image = texture(0)
   image[y:y + 12, x:x + 12] = 0.0
   mask = np.zeros((n, n), bool)
   mask[y:y + 12, x:x + 12] = True
-  clip, dino = engine.preprocess(np.clip(image, 0, 1))
+  clip, dino = engine.preprocess(image)
   whole = inference.resize_hw(engine.forward(clip[None], dino[None])["map"][0], n, n, Image.Resampling.BILINEAR)
-  tiled = tiling.score_image(engine, np.clip(image, 0, 1), tile=84, overlap=12, batch_size=32)
+  tiled = tiling.score_image(engine, image, tile=84, overlap=12, batch_size=32)
   auroc_whole = roc_auc_score(mask.ravel(), whole.ravel())
   auroc_tiled = roc_auc_score(mask.ravel(), tiled["map"].ravel())
   print(f"P-AUROC on the 2048 px image: whole-image resize {auroc_whole:.3f}, tiles 84/12 {auroc_tiled:.3f}")
   assert tiled["tiles"] == 29 ** 2 and tiled["map"].shape == (n, n)
-  assert auroc_whole < 0.5 < 0.65 < auroc_tiled
+  assert auroc_whole < 0.7 and auroc_tiled > 0.9
