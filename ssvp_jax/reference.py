@@ -52,9 +52,9 @@ DEFAULTS = dict(
     shots=0,                   # K references per category in evaluate (0: no few-shot rows; --shots)
     seeds=3,                   # draws of the K references (seeds 0..seeds-1); reports give mean and std
     backbones=("clip", "dino"),  # which backbones' patch tokens feed the bank
-    taps=(-2, -1),             # positions in clip.layers / dino.layers (0-based, negative from the end); () =
-                               # every tap. The last two of each backbone: on the demo as accurate as all
-                               # four (docs/reference_bank.md) at half the cost
+    taps=(-1,),                # positions in clip.layers / dino.layers (0-based, negative from the end); () =
+                               # every tap. The last tap of each backbone (AnomalyDINO's choice): on the
+                               # demo as accurate as all four (docs/reference_bank.md) at a quarter of the cost
     top_percent=1.0,           # image score: mean of the top 1 % patch distances (AnomalyDINO)
     weight=0.8,                # fusion: 0 = zero-shot only, 1 = bank only (measured, docs/reference_bank.md)
     coreset=0.0,               # fraction of bank patches kept by greedy coreset (PatchCore); 0 = all
