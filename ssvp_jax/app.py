@@ -105,7 +105,8 @@ class Inspector:
     self.engines[engine.category] = engine
     skipped = f"; {len(errors)} file(s) skipped:{problems}" if errors else ""
     return (f"Reference bank of {len(readable)} good images built for category {engine.category!r} and stored in "
-            f"`{engine.bank_meta['path']}`; the Score tab now scores this word with it{skipped}")
+            f"`{engine.bank_meta['path']}`; the Score tab now scores this word with it (the thresholds of "
+            f"calibration.json were not set with this bank: rerun calibrate){skipped}")
 
   def score(self, paths: Sequence[str], category: str, tile: int = 0, overlap: int = 0
             ) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, str]]]:
