@@ -4,22 +4,23 @@ fraction of the machine's matmul peak, measured in the same run.
     .venv/bin/python bench/bench_inference.py                  # full size: ViT-L/14 @518 + ViT-L/16 @592
     .venv/bin/python bench/bench_inference.py --small          # the demo config's random backbones
     .venv/bin/python bench/bench_inference.py --smoke          # the tiny config (a test of the script)
-    .venv/bin/python bench/bench_inference.py --small --engines all --reps 5   # deployment engines, one run
+    .venv/bin/python bench/bench_inference.py --small --engines jax,onnxruntime,torch --reps 5   # engines
+    .venv/bin/python bench/bench_inference.py --smoke --engines all   # with OpenVINO (21 GB at demo size)
 
 --engines (issue 14) times the whole inference function of the artifacts (`export.inference_function`:
-resizing, both backbones, heads, map, scores; images [b, S, S, 3] in) on each engine, in one process,
-same threads:
+resizing, both backbones, heads, map, scores; images [b, S, S, 3] in) on each engine, same weights
+(seeded random), same images, same threads:
   jax            the function jitted (what predict and the .jaxexport artifact run)
   onnxruntime    its ONNX conversion (onnx_export), CPU provider, all graph optimisations
   openvino_f32   the same ONNX file, OpenVINO CPU, INFERENCE_PRECISION_HINT=f32
   openvino_bf16  the same, INFERENCE_PRECISION_HINT=bf16 (AMX where the CPU has it)
   torch          transformers' PyTorch CLIP vision tower + DINOv3 of the same shapes, backbones only
                  (no resizing, heads or map: a lower bound for any PyTorch SSVP), random weights
-The engines run one after another, each loaded only for its turn (one copy of the weights in memory
-at a time); the load average after each is printed. Caveat (docs/deployment.md): runtimes loaded
-earlier in the process disturb later ones (thread pools), so for fair speeds run one engine per
-invocation, e.g. --engines onnxruntime. The table gives images/s, the ratio to the PyTorch
-backbones, and each engine's largest difference from JAX on the score and the map (same images).
+Each engine runs in its own subprocess, one after another: runtimes loaded in one process disturb
+each other (their thread pools; onnxruntime ran 3x slower after JAX in the same process), and only
+one copy of the weights is in memory at a time. One table: images/s, the ratio to JAX, and each
+engine's largest difference from JAX on the score and the map (same images); the load average after
+each engine is printed. Memory: OpenVINO's compile of the demo-size model peaked at 21 GB here.
 
 Full size builds both ViT-L backbones with random weights (the bundle format's modules, no
 download; speed does not depend on the values) and fresh heads from `configs/base.py`. The
@@ -60,7 +61,8 @@ def parse(argv=None) -> argparse.Namespace:
   add_args(p, batch=1, reps=3, dtype="float32", peak_n=4096)
   p.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all)")
   p.add_argument("--engines", default=None, help=f"comma-separated from {','.join(ENGINES)}, or 'all': time the "
-                 "deployment engines instead of the FLOP measurement")
+                 "deployment engines (each in its own subprocess) instead of the FLOP measurement")
+  p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: time one engine, write an .npz here
   args = p.parse_args(argv)
   if args.engines:
     args.engines = list(ENGINES) if args.engines == "all" else args.engines.split(",")
@@ -248,47 +250,67 @@ def engine_factories(args: argparse.Namespace, threads: int, tmp: str) -> list[t
   return [(e, *makers[e]) for e in ENGINES if e in args.engines]
 
 
-def measure_engines(args: argparse.Namespace, threads: int) -> list[dict]:
-  """Times the engines one after another (one engine's copy of the weights in memory at a time, the
-  machine being shared); prints and returns one row per engine."""
-  import gc
+def child_argv(args: argparse.Namespace, threads: int, engine: str, out: str) -> list[str]:
+  """The command line that times `engine` alone in a fresh process with this run's settings."""
+  size = ["--smoke"] if args.smoke else ["--small"] if args.small else []
+  return [sys.executable, os.path.abspath(__file__), *size, f"--batch={args.batch}", f"--reps={args.reps}",
+          f"--dtype={args.dtype}", f"--threads={threads}", f"--engines={engine}", f"--child={out}"]
+
+
+def measure_one(args: argparse.Namespace, threads: int) -> None:
+  """In the child: times its one engine and writes times, outputs and the load average to args.child."""
   import tempfile
 
   import numpy as np
-  times, what, outputs, loads = {}, {}, {}, {}
+  (e,) = args.engines
   with tempfile.TemporaryDirectory() as tmp:
-    for e, what[e], make in engine_factories(args, threads, tmp):
-      run = make()
-      out = run()
-      outputs[e] = None if e == "torch" else {k: np.asarray(out[k]) for k in ("map", "score")}
-      times[e] = common.time_alternating({e: run}, reps=args.reps, warmup=1)[e]
-      loads[e] = common.load_avg()
-      del run, out
-      gc.collect()
-  ref = outputs.get("jax")
-  base = common.median(times["torch"]) if "torch" in times else None
+    ((_, what, make),) = engine_factories(args, threads, tmp)
+    run = make()
+    out = run()
+    times = common.time_alternating({e: run}, reps=args.reps, warmup=1)[e]
+  maps = {} if e == "torch" else {k: np.asarray(out[k]) for k in ("map", "score")}
+  np.savez(args.child, times=np.asarray(times), what=what, load=common.load_avg(), **maps)
+
+
+def measure_engines(args: argparse.Namespace, threads: int) -> list[dict]:
+  """Times each engine in its own subprocess, one after another; prints and returns one row per engine."""
+  import subprocess
+  import tempfile
+
+  import numpy as np
+  res = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for e in [e for e in ENGINES if e in args.engines]:
+      out = os.path.join(tmp, f"{e}.npz")
+      subprocess.run(child_argv(args, threads, e, out), check=True)
+      with np.load(out) as z:
+        res[e] = {k: z[k] for k in z.files}
+  ref = res.get("jax")
+  base = common.median(list(res["jax"]["times"])) if ref is not None else None
   rows = []
-  for e, ts in times.items():
-    step = common.median(ts)
-    row = dict(engine=e, what=what[e], step_s=step, ips=args.batch / step,
-               vs_torch=None if base is None else base / step, d_score=None, d_map=None)
-    if ref is not None and outputs[e] is not None:
-      row.update(d_score=float(np.abs(outputs[e]["score"] - ref["score"]).max()),
-                 d_map=float(np.abs(outputs[e]["map"] - ref["map"]).max()))
+  for e, r in res.items():
+    step = common.median(list(r["times"]))
+    row = dict(engine=e, what=str(r["what"]), step_s=step, ips=args.batch / step,
+               vs_jax=None if base is None else base / step, d_score=None, d_map=None)
+    if ref is not None and "map" in r:
+      row.update(d_score=float(np.abs(r["score"] - ref["score"]).max()),
+                 d_map=float(np.abs(r["map"] - ref["map"]).max()))
     rows.append(row)
   fmt = lambda x, f: "-" if x is None else format(x, f)
-  common.print_table(["engine", "runs", "s/batch (median)", "img/s", "vs PyTorch backbones", "max |d score| vs JAX",
+  common.print_table(["engine", "runs", "s/batch (median)", "img/s", "vs JAX", "max |d score| vs JAX",
                       "max |d map| vs JAX"],
-                     [[r["engine"], r["what"], f"{r['step_s']:.4f}", f"{r['ips']:.3f}", fmt(r["vs_torch"], ".2f") +
-                       ("x" if r["vs_torch"] else ""), fmt(r["d_score"], ".1e"), fmt(r["d_map"], ".1e")] for r in rows])
-  for e, ts in times.items():
-    print(f"# {e}: steps {['%.3f' % t for t in ts]}, {loads[e]} after it")
+                     [[r["engine"], r["what"], f"{r['step_s']:.4f}", f"{r['ips']:.3f}", fmt(r["vs_jax"], ".2f") +
+                       ("x" if r["vs_jax"] else ""), fmt(r["d_score"], ".1e"), fmt(r["d_map"], ".1e")] for r in rows])
+  for e, r in res.items():
+    print(f"# {e} (own process): steps {['%.3f' % t for t in r['times']]}, {r['load']} after it")
   return rows
 
 
 def main(argv=None):
   args = parse(argv)
   threads = common.pin_threads(args.threads)
+  if args.child:
+    return measure_one(args, threads)
   what = "deployment engines" if args.engines else "evaluate.eval_step"
   print(f"# SSVP inference ({what}), config {'tiny' if args.smoke else 'demo' if args.small else 'full'}, "
         f"batch {args.batch}, {common.machine()}")

@@ -137,13 +137,18 @@ def load_engine(workdir: str, category: str = DEFAULT_CATEGORY,
   log.info("category %r: prompts say %r", category, class_words(category, config.model.class_words))
   engine = Engine(model, config, category, category_table(model, tokenizer, config, category), views(config),
                   checkpoint_step(workdir), tokenizer)
-  path = reference.bank_path(workdir, category)
-  if use_reference and os.path.isfile(path):
-    bank, meta = reference.load_bank(path, reference.fingerprint(model, config))
-    log.info("using the reference bank %s (%d good images, fusion weight %g)", path, meta["num_references"],
-             reference.settings(config).weight)
-    engine = engine.with_bank(bank, {**meta, "path": path})
-  return engine
+  return with_stored_bank(engine, workdir) if use_reference else engine
+
+
+def with_stored_bank(engine: Engine, workdir: str) -> Engine:
+  """`engine` with its category's reference bank stored in `workdir` (unchanged when there is none)."""
+  path = reference.bank_path(workdir, engine.category)
+  if not os.path.isfile(path):
+    return engine
+  bank, meta = reference.load_bank(path, reference.fingerprint(engine.model, engine.config))
+  log.info("using the reference bank %s (%d good images, fusion weight %g)", path, meta["num_references"],
+           reference.settings(engine.config).weight)
+  return engine.with_bank(bank, {**meta, "path": path})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The web inspector in a real browser: Debian's headless Chromium, driven by selenium, uploads two images
 and a non-image, reads the scores shown and checks them against predict; the threshold slider changes
-decisions without rescoring. Set SSVP_APP_SCREENSHOT=path to keep a screenshot."""
+decisions without rescoring; a reference bank built from two good images in the second tab is stored
+and the scores shown then equal predict's with that bank. Set SSVP_APP_SCREENSHOT=path to keep a
+screenshot."""
 
 import json
 import os
@@ -15,7 +17,8 @@ import numpy as np
 import pytest
 
 from factory_support import REPO, copy_workdir, engine, target_records, trained_workdir  # noqa: F401
-from ssvp_jax import app, predict
+from ssvp_jax import app, predict, reference
+from ssvp_jax.errors import UserError
 
 pytest.importorskip("gradio")
 pytest.importorskip("selenium")
@@ -52,7 +55,7 @@ def test_app_in_headless_chromium_shows_predicts_scores(trained_workdir, engine,
   from selenium.webdriver.common.keys import Keys
   from selenium.webdriver.support.ui import WebDriverWait
   records = [r for r in target_records(trained_workdir) if r.category == "dots"]
-  good = next(r.image_path for r in records if not r.label)
+  good, *more_good = [r.image_path for r in records if not r.label]
   bad = next(r.image_path for r in records if r.label)
   images = [str(shutil.copy(good, tmp_path / "good.jpg")), str(shutil.copy(bad, tmp_path / "bad.jpg"))]
   (tmp_path / "notes.png").write_text("not an image")
@@ -103,7 +106,34 @@ def test_app_in_headless_chromium_shows_predicts_scores(trained_workdir, engine,
     assert sorted(decided.values()) == ["", "defective", "good"]  # the slider split the two images
     if os.environ.get("SSVP_APP_SCREENSHOT"):
       browser.save_screenshot(os.environ["SSVP_APP_SCREENSHOT"])
+
+    # the second tab: a reference bank from two other good images (and the text file, skipped visibly)
+    browser.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Reference bank')]").click()
+    bank_upload = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#bank-upload input[type=file]"))
+    bank_upload.send_keys("\n".join(more_good[:2] + [str(tmp_path / "notes.png")]))
+    wait.until(lambda b: "notes.png" in b.find_element(By.CSS_SELECTOR, "#bank-upload").get_attribute("outerHTML"))
+    browser.find_element(By.CSS_SELECTOR, "#build-bank").click()
+    wait.until(lambda b: "Reference bank of 2" in b.find_element(By.CSS_SELECTOR, "#bank-status").text)
+    assert "notes.png: cannot decode image" in browser.find_element(By.CSS_SELECTOR, "#bank-status").text
+    path = reference.bank_path(workdir, "dots")
+    bank, meta = reference.load_bank(path, reference.fingerprint(engine.model, engine.config))
+    assert meta["num_references"] == 2
+    banked = predict.predict(engine.with_category("dots").with_bank(bank, {**meta, "path": path}), images,
+                             str(tmp_path / "pred_bank"), batch_size=2)
+    browser.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Score images')]").click()
+    browser.find_element(By.CSS_SELECTOR, "#score").click()
+    wait.until(lambda b: "reference bank of 2" in b.find_element(By.CSS_SELECTOR, "#status").text)
+    heads = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#results thead th")]
+    assert heads == ["file", "score", "decision", "bank_score", "error"]
+    shown = {r[0]: r for r in _rows(browser)}
+    for r in banked:
+      name = os.path.basename(r["path"])
+      assert float(shown[name][1]) == pytest.approx(float(r["score"]), abs=2e-6), name
+      assert float(shown[name][3]) == pytest.approx(float(r["bank_score"]), abs=2e-6), name
+      assert float(r["score"]) != pytest.approx(expected[name], abs=1e-6)  # the bank changed the score
   except Exception:
+    server.terminate()
+    print(server.communicate(timeout=30)[0][-3000:])  # the app's log
     if browser is not None:
       browser.save_screenshot(str(tmp_path / "failure.png"))
       print("screenshot of the failure:", tmp_path / "failure.png")
@@ -119,6 +149,7 @@ def test_inspector_limits_and_csv(engine, tmp_path):  # noqa: F811
   from PIL import Image
   Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / "ok.png")
   (tmp_path / "big.png").write_bytes(b"0" * 2000)
+  (tmp_path / "bad.png").write_text("not an image")
   inspector = app.Inspector(engine, image_threshold=None, pixel_threshold=None, max_bytes=1500)
   rows, gallery = inspector.score([str(tmp_path / "ok.png"), str(tmp_path / "big.png")], "")
   assert [r["file"] for r in rows] == ["big.png", "ok.png"] and len(gallery) == 1
@@ -129,3 +160,13 @@ def test_inspector_limits_and_csv(engine, tmp_path):  # noqa: F811
   assert lines[0].startswith("file,score,decision") and lines[2].split(",")[2] == "defective"
   tiled, _ = inspector.score([str(tmp_path / "ok.png")], "dots", tile=20, overlap=4)
   assert tiled[0]["error"] == "" and np.isfinite(tiled[0]["score"])
+  with pytest.raises(UserError, match="no work directory"):
+    inspector.build_bank([str(tmp_path / "ok.png")] * 2, "dots")
+  inspector.workdir = str(tmp_path)
+  with pytest.raises(UserError, match=r"at least 2 readable good images, got 1 of 3(.|\n)*big.png(.|\n)*bad.png"):
+    inspector.build_bank([str(tmp_path / p) for p in ("ok.png", "big.png", "bad.png")], "dots")
+  assert not os.path.exists(reference.bank_path(str(tmp_path), "dots"))
+  Image.fromarray(np.full((40, 30, 3), 9, np.uint8)).save(tmp_path / "ok2.png")
+  note = inspector.build_bank([str(tmp_path / "ok.png"), str(tmp_path / "ok2.png")], "dots")
+  assert "Reference bank of 2" in note and os.path.isfile(reference.bank_path(str(tmp_path), "dots"))
+  assert "reference bank of 2" in inspector.bank_note("dots")

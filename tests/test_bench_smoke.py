@@ -70,8 +70,8 @@ def test_inference_engines_smoke(capsys):
   by = {r["engine"]: r for r in rows}
   assert sorted(by) == sorted(bench_inference.ENGINES) and all(r["ips"] > 0 for r in rows)
   assert by["onnxruntime"]["d_score"] < 1e-4 and by["openvino_f32"]["d_map"] < 1e-4  # float32 parity
-  assert by["torch"]["d_score"] is None and by["torch"]["vs_torch"] == 1.0
-  assert "vs PyTorch backbones" in capsys.readouterr().out
+  assert by["torch"]["d_score"] is None and by["jax"]["vs_jax"] == 1.0
+  assert "(own process)" in capsys.readouterr().out
 
 
 def test_gpu_script_without_gpu():
