@@ -69,6 +69,13 @@ def expand(rules: Iterable[Rule], num_layers: int) -> list[Rule]:
   return out
 
 
+def _raise_listed(header: str, groups) -> None:
+  """WeightLoadError with `header` and one line per non-empty (label, items, separator) group; none: no error."""
+  lines = [f"  {label} ({len(items)}): " + sep.join(items) for label, items, sep in groups if items]
+  if lines:
+    raise WeightLoadError("\n".join([header, *lines]))
+
+
 def apply_rules(state: Mapping[str, np.ndarray], rules: Iterable[Rule], source: str,
                 ignore: Iterable[str] = ()) -> dict[str, np.ndarray]:
   """Maps a PyTorch state dict through `rules`; strict on both sides.
@@ -82,13 +89,8 @@ def apply_rules(state: Mapping[str, np.ndarray], rules: Iterable[Rule], source: 
   wanted = {r.source for r in rules}
   missing = sorted(wanted - set(state))
   unexpected = sorted(k for k in state if k not in wanted and not any(p.fullmatch(k) for p in ignore_re))
-  if missing or unexpected:
-    lines = [f"{source} does not match the expected layout:"]
-    if missing:
-      lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
-    if unexpected:
-      lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-    raise WeightLoadError("\n".join(lines))
+  _raise_listed(f"{source} does not match the expected layout:",
+                (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", ")))
   return {r.target: r.hook(np.asarray(state[r.source], dtype=np.float32)) for r in rules}
 
 
@@ -192,13 +194,7 @@ def map_checked(state: Mapping[str, np.ndarray], rules: list[Rule], expected: Ma
   bad = [f"{src_of.get(k, '?')} -> {k}: expected {expected[k]}, got {v.shape}"
          for k, v in sorted(flat.items()) if k in expected and tuple(v.shape) != tuple(expected[k])]
   missing = sorted(set(expected) - set(flat))
-  if bad or missing:
-    lines = [f"{source} does not fit {what}:"]
-    if bad:
-      lines.append(f"  wrong shapes ({len(bad)}): " + "; ".join(bad))
-    if missing:
-      lines.append(f"  not produced ({len(missing)}): " + ", ".join(missing))
-    raise WeightLoadError("\n".join(lines))
+  _raise_listed(f"{source} does not fit {what}:", (("wrong shapes", bad, "; "), ("not produced", missing, ", ")))
   return flat
 
 

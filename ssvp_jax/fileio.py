@@ -50,18 +50,26 @@ def temp_name(path: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w", **kwargs) -> Iterator[Any]:
-  """`with atomic_file(path, "wb") as f:` writes `path` all at once or not at all (see the module doc)."""
+def atomic_path(path: str) -> Iterator[str]:
+  """`with atomic_path(path) as tmp:` write the file `tmp` (for writers that take a path); on success it
+  replaces `path`, on failure it is removed and `path` left as it was."""
   tmp = temp_name(path)
   try:
-    with open(tmp, mode, **kwargs) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
+    yield tmp
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w", **kwargs) -> Iterator[Any]:
+  """`with atomic_file(path, "wb") as f:` writes `path` all at once or not at all (see the module doc)."""
+  with atomic_path(path) as tmp:
+    with open(tmp, mode, **kwargs) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
 
 
 def atomic_write(path: str, data: str | bytes) -> None:

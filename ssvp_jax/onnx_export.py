@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ssvp_jax import export, inference
+from ssvp_jax import export, fileio, inference
 
 log = logging.getLogger("ssvp_jax")
 
@@ -86,18 +86,12 @@ def export_onnx(engine: inference.Engine, out_path: str, input_size: int | None 
   model.metadata_props.update(props)
 
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  tmp = out_path + ".tmp"
   logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # "value type ... not known" for each shape constant
-  try:
+  with fileio.atomic_path(out_path) as tmp:  # a full disk or an interrupt leaves no half-written model
     if nbytes > EXTERNAL_DATA_BYTES:  # the weights go to <out>.data; the model (written last) names that file
       ir.save(model, tmp, external_data=meta["external_data"])
     else:
       ir.save(model, tmp)
-    os.replace(tmp, out_path)
-  except BaseException:  # a full disk or an interrupt leaves no half-written model behind
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
   log.info("exported %s (ONNX opset %d, %.1f MB of weights%s)", out_path, OPSET, nbytes / 1e6,
            f", external data {meta['external_data']}" if meta["external_data"] else "")
   return meta

@@ -32,7 +32,6 @@ a few other images share still scores high.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import os
@@ -350,10 +349,9 @@ def save_bank(path: str, bank: Bank, meta: dict) -> None:
   arrays = {f"layer_{i:02d}": np.asarray(x) for i, x in enumerate(bank.layers)}
   arrays.update(index=np.asarray(bank.index), scale=np.asarray(bank.scale),
                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fileio.atomic_write(path, buf.getvalue())
+  with fileio.atomic_file(path, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+    np.savez(f, **arrays)
 
 
 def load_bank(path: str, expected_fingerprint: str | None = None) -> tuple[Bank, dict]:
