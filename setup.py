@@ -34,7 +34,7 @@ setup(
     name="ssvp_jax",
     version="0.1.0",
     description="SSVP zero-shot anomaly detection (CLIP + DINOv3) in JAX/Flax NNX",
-    packages=find_packages(include=["ssvp_jax", "ssvp_jax.*"]),
+    packages=find_packages(include=["ssvp_jax", "ssvp_jax.*", "configs"]),  # configs: `from configs import base`
     python_requires=">=3.11",
     install_requires=RUNTIME,
     extras_require={

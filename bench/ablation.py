@@ -26,14 +26,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each earlier default, as a config override (SPEC section 6, "alternative" column).
 REVERT = {
-    "D3": ["--config.model.clip_token_norm=False"],
-    "D7": ["--config.model.learn_tau=False"],
-    "D8": ["--config.model.latent_tokens=1"],
-    "D9": ["--config.model.s_local=max"],
+    "D3": ["--config.hsvs.normalize_clip=False"],
+    "D7": ["--config.vtam.learn_tau=False"],
+    "D8": ["--config.vcpg.latent_tokens=1"],
+    "D9": ["--config.vtam.top_k=0"],
     "D11": ["--config.loss.seg_form=mean"],
     "D17": ["--config.loss.supervise_fused=False"],
-    "D18": ["--config.model.vae_stop_grad=False"],
-    "D19": ["--config.model.rec_reduction=mean"],
+    "D18": ["--config.vcpg.stop_grad_input=False"],
+    "D19": ["--config.vcpg.rec_reduction=mean"],
     "D20": ["--config.loss.direct_logits=False"],
 }
 VARIANTS = {"after": [], "before": [x for v in REVERT.values() for x in v]}

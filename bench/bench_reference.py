@@ -69,16 +69,16 @@ def main(argv=None) -> list[dict]:
   inf = bench_inference.measure(args)  # builds the model: its shapes give the bank's
   model, _ = bench_inference.build(config)
   spec = reference.spec(config)
-  n = (config.clip.image_size // model.clip.config.vision.patch_size) ** 2
+  size = config.backbones.semantic.image_size
+  n = (size // model.semantic.patch_size) ** 2
   dims = []
-  for name in spec.backbones:
-    width = model.clip.config.vision.width if name == "clip" else model.dino.cfg.hidden_size
-    taps = config.clip.layers if name == "clip" else config.dino.layers
-    dims += [width] * len(spec.taps or taps)
+  for role in spec.backbones:
+    width = getattr(model, role).local_dim
+    dims += [width] * len(spec.taps or config.backbones[role].layers)
   rows_out = []
   for coreset in sorted({0.0, args.coreset}):
     for k in (int(x) for x in args.shots.split(",")):
-      sec, rows = bank_seconds(n, dims, k, config.clip.image_size, float(config.eval.sigma), spec, args.reps,
+      sec, rows = bank_seconds(n, dims, k, size, float(config.eval.sigma), spec, args.reps,
                                coreset)
       gflop = 2 * n * rows * sum(dims) / 1e9
       rows_out.append(dict(k=k, coreset=coreset, rows=rows, gflop=gflop, seconds=sec, share=sec / inf["step_s"]))

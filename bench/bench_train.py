@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 
 from ssvp_jax import cache, functional, optim, trainer  # noqa: E402
 from ssvp_jax.build import build_model  # noqa: E402
-from ssvp_jax.data.pipeline import iterate_batches  # noqa: E402
+from ssvp_jax.data.pipeline import iterate_batches, views  # noqa: E402
 from ssvp_jax.models.prompts import make_templates  # noqa: E402
 from ssvp_jax.models.ssvp import SSVP, TRAINABLE  # noqa: E402
 
@@ -67,17 +67,17 @@ def step_throughput(config: ml_collections.ConfigDict, workdir: str, steps: int)
   model, tokenizer = build_model(config)
   records = trainer.read_split(config.train_data, workdir, "train_data")
   categories = sorted({r.category for r in records})
-  t = make_templates(tokenizer, categories, model.prompts.n_learnable, config.model.class_words,
-                     model.clip.config.text.context_length)
+  t = make_templates(tokenizer, categories, model.prompts.n_learnable, config.class_words,
+                     model.semantic.context_length)
   tmpl = (jnp.asarray(t.ids), jnp.asarray(t.eot))
   bs = config.optim.batch_size
-  batch = next(iterate_batches(records, trainer.views(config), batch_size=bs, shuffle=True, seed=0,
+  batch = next(iterate_batches(records, views(config), batch_size=bs, shuffle=True, seed=0,
                                drop_remainder=True, num_threads=config.data.workers))
   cat = {c: i for i, c in enumerate(categories)}
   base = {"mask": batch["mask"], "label": batch["label"],
           "class_index": np.array([cat[records[i].category] for i in batch["index"]], np.int32)}
-  feats = jax.tree.map(np.asarray, functional.Bound(SSVP.features, model)(batch["clip"], batch["dino"]))
-  variants = {"no cache": {**base, "clip": batch["clip"], "dino": batch["dino"]},
+  feats = jax.tree.map(np.asarray, functional.Bound(SSVP.features, model)(batch["semantic"], batch["structural"]))
+  variants = {"no cache": {**base, "semantic": batch["semantic"], "structural": batch["structural"]},
               "cache": {**base, "features": feats}}
   loss_cfg = ml_collections.FrozenConfigDict(config.loss)
   out = {}
@@ -150,7 +150,7 @@ def main() -> None:
       shutil.rmtree(scratch, ignore_errors=True)
 
   print()
-  print(f"{os.path.basename(args.config)}: {config.clip.image_size} px, batch {config.optim.batch_size}, {args.epochs} epochs, "
+  print(f"{os.path.basename(args.config)}: {config.backbones.semantic.image_size} px, batch {config.optim.batch_size}, {args.epochs} epochs, "
         f"cache dtype {args.dtype}, cache size {cache_mb:.1f} MB")
   print(f"| measurement | no cache | cache | ratio (no cache / cache) |")
   print(f"|---|---|---|---|")

@@ -39,8 +39,8 @@ def main(argv=None) -> None:
     test = read_split(ds, args.workdir, f"eval_data.{key}")
     normals = fewshot.normal_training_records(ds, args.workdir, f"eval_data.{key}")
     cats = sorted({r.category for r in test})
-    t = make_templates(tokenizer, cats, model.prompts.n_learnable, config.model.class_words,
-                       model.clip.config.text.context_length)
+    t = make_templates(tokenizer, cats, model.prompts.n_learnable, config.class_words,
+                       model.semantic.context_length)
     table = np.asarray(functional.Bound(SSVP.prompt_table, model)((t.ids, t.eot)))
     for c, cat in enumerate(cats):
       refs = [fewshot.draw_references([r for r in normals if r.category == cat], args.shots, s, cat)

@@ -7,7 +7,7 @@ Variants (`mvtec.py`, `visa.py`, `demo.py`, `tiny.py`) import `get_config()` fro
 few fields. Every field can be overridden on the command line, e.g.
 
   python -m ssvp_jax.train --config=configs/mvtec.py --workdir=runs/mvtec \
-      --config.optim.epochs=5 --config.model.fusion=concat
+      --config.optim.epochs=5 --config.hsvs.fusion=concat
 """
 
 import ml_collections
@@ -33,41 +33,52 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # --- Frozen backbones (SPEC section 1). `bundle` is a folder written by convert/*.py; an empty
-  # `bundle` with a `random_init` preset builds a randomly initialised backbone (demo and tests only).
-  c.clip = ml_collections.ConfigDict(dict(
-      bundle="",
-      random_init="",            # "" (use bundle) or a preset name of ssvp_jax.models.clip
-      image_size=518,
-      layers=(6, 12, 18, 24),    # 1-based blocks tapped
-      pos_interpolation="bilinear",
-      local_tokens="raw",        # D3: "raw" residual stream + learned map | "value_value" (AnomalyCLIP)
-  ))
-  c.dino = ml_collections.ConfigDict(dict(
-      bundle="",
-      random_init="",
-      image_size=592,
-      layers=(6, 12, 18, 24),    # D2; the paper prints 3, 6, 9, 11
+  # --- Frozen backbones (SPEC section 1), by role; `name` picks the implementation from the registry
+  # (ssvp_jax/models/registry.py: semantic "clip"; structural "dinov3" or "dinov2"). `bundle` is a folder
+  # written by convert/<name>.py; an empty `bundle` with a `random_init` preset builds a randomly
+  # initialised backbone (demo and tests only). Both image sizes must give one token grid (37 x 37 here;
+  # DINOv2's patch 14 needs structural.image_size=518).
+  c.backbones = ml_collections.ConfigDict(dict(
+      semantic=dict(
+          name="clip",
+          bundle="",
+          random_init="",            # "" (use bundle) or a preset of the backbone's module (PRESETS)
+          image_size=518,
+          layers=(6, 12, 18, 24),    # 1-based blocks tapped
+          pos_interpolation="bilinear",
+          local_tokens="raw",        # D3: "raw" residual stream + learned map | "value_value" (AnomalyCLIP)
+      ),
+      structural=dict(
+          name="dinov3",
+          bundle="",
+          random_init="",
+          image_size=592,
+          layers=(6, 12, 18, 24),    # D2; the paper prints 3, 6, 9, 11
+      ),
   ))
 
-  # --- Trainable heads.
-  # D_c (768 at full size) is CLIP's projection width, read from the backbone.
-  c.model = ml_collections.ConfigDict(dict(
+  # --- Trainable heads: each section is its module's constructor arguments (ssvp_jax/models/*.py).
+  # D_c (768 at full size) is the semantic backbone's joint width, read from it.
+  c.prompts = ml_collections.ConfigDict(dict(n_background=5, n_state=5, n_prompts=3))   # D4, Eq. 6
+  c.class_words = "readable"     # D4: the prompts' words: "readable" category names | "object"
+  c.hsvs = ml_collections.ConfigDict(dict(
       fusion="atf",              # "atf" | "concat"   (Table 3 ablation)
-      atf_heads=8, atf_head_dim=64, atf_shared=False,   # D1
-      n_background=5, n_state=5, n_prompts=3,           # D4, Eq. 6
-      class_words="readable",    # D4: "readable" category names | "object"
-      clip_token_norm=True,      # D3: L2-normalise the mapped CLIP tokens (Bayes-PFL) | False (earlier)
-      vcpg=True,                 # Table 3 ablation: VCPG on/off
+      num_heads=8, head_dim=64, share_scales=False,     # D1
+      normalize_clip=True,       # D3: L2-normalise the mapped CLIP tokens (Bayes-PFL) | False (earlier)
+  ))
+  c.vcpg = ml_collections.ConfigDict(dict(
+      enabled=True,              # Table 3 ablation: VCPG on/off
       latent_dim=128, latent_tokens=8,                  # D8: 8 tokens of 16 | 1 (earlier: Eq. 10 a no-op)
-      beta=0.1, xi=0.85, prompt_ln=True,                # Eq. 9, Eq. 12, D12
+      beta=0.1, xi=0.85, use_ln=True,                   # Eq. 9, Eq. 12, D12
       kl_reduction="sum", rec_reduction="sum",          # D19: sums per image | "mean" (earlier rec)
-      vae_stop_grad=True,        # D18: the VAE reads stopgrad(V_syn^g) | False (gradient into HSVS)
+      stop_grad_input=True,      # D18: the VAE reads stopgrad(V_syn^g) | False (gradient into HSVS)
+  ))
+  c.vtam = ml_collections.ConfigDict(dict(
       gating=True,               # Table 3 ablation: VTAM gates on/off
       tau=0.07, learn_tau=True,                         # D7: learned, lr optim.lr_tau | False (fixed)
       gamma=0.5,                 # Eq. 19
-      s_local="topk", s_local_topk=10,                  # D9: mean of the top-k map values | "max" (Eq. 18)
-      s_global="prob",           # D6: "prob" | "cosine"
+      top_k=10,                  # D9: S_local = mean of the top-k map values | 0 (the max, Eq. 18)
+      s_global="softmax",        # D6: "softmax" | "cosine"
   ))
 
   # --- Losses (Eqs. 20-22).

@@ -5,19 +5,15 @@
 Writes demo data with the generator (ssvp_jax.data.synth) into the work directory if absent:
 source categories in the MVTec layout for training, disjoint target categories in the VisA
 layout for zero-shot evaluation. No pretrained weights can be downloaded here, so both backbones
-are small and randomly initialised (the "small" preset of ssvp_jax.build: width 96, 4 blocks,
-patch 8 at 112 px, 14 x 14 tokens): the demo shows the whole pipeline learning to transfer, not
+are small and randomly initialised (the "small" presets of ssvp_jax/models/clip.py and dinov3.py:
+width 96, 4 blocks, patch 8 at 112 px, 14 x 14 tokens): the demo shows the whole pipeline learning to transfer, not
 the paper's numbers. The heads use SPEC's revised defaults (D3, D7-D9, D11, D17-D21); the demo
 changes only what it owns (sizes, taps, epochs, learning rates, batch). With backbones this
 small the frozen features cost little, so the feature cache is off; `configs/demo_vitb.py` keeps
 the ViT-B/16-shaped variant on which the cache pays (bench/bench_train.py).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402
+from configs import base
 
 SOURCE = ("brick", "grass", "grating", "checkers")
 TARGET = ("gravel", "stone", "grid", "dots")
@@ -25,14 +21,14 @@ TARGET = ("gravel", "stone", "grid", "dots")
 
 def get_config():
   c = base.get_config()
-  c.clip.random_init = "small"
-  c.clip.image_size = 112      # patch 8 -> 14 x 14 tokens
-  c.clip.layers = (1, 2, 3, 4)
-  c.dino.random_init = "small"
-  c.dino.image_size = 112      # patch 8 -> 14 x 14 tokens
-  c.dino.layers = (1, 2, 3, 4)
-  c.model.atf_heads, c.model.atf_head_dim = 4, 16
-  c.model.latent_dim = 32      # D8: 8 latent tokens of 4
+  c.backbones.semantic.random_init = "small"
+  c.backbones.semantic.image_size = 112      # patch 8 -> 14 x 14 tokens
+  c.backbones.semantic.layers = (1, 2, 3, 4)
+  c.backbones.structural.random_init = "small"
+  c.backbones.structural.image_size = 112      # patch 8 -> 14 x 14 tokens
+  c.backbones.structural.layers = (1, 2, 3, 4)
+  c.hsvs.num_heads, c.hsvs.head_dim = 4, 16
+  c.vcpg.latent_dim = 32      # D8: 8 latent tokens of 4
 
   c.train_data = base.dataset("mvtec", "{workdir}/data/source")
   c.train_data.synth.update(layout="mvtec", categories=SOURCE, seed=0)

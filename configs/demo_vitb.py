@@ -3,7 +3,7 @@
     python -m ssvp_jax.train --config=configs/demo_vitb.py --workdir=runs/demo_vitb
     python bench/bench_train.py          # uses this config by default
 
-configs/demo.py with both backbones in ViT-B/16's shape (the "demo" preset of ssvp_jax.build) at
+configs/demo.py with both backbones in ViT-B/16's shape (the "demo" presets of the backbone modules) at
 224 px and taps 3/6/9/12. This was configs/demo.py until the fidelity pass (issue 11), when the demo
 went back to small backbones, which transfer better on random weights and run faster on 2 cores.
 As at full size, the frozen backbones cost far more than the heads here, so the feature cache is on:
@@ -11,16 +11,12 @@ epoch 1 runs them and stores their features (bfloat16, ~2.3 MB per image under
 WORKDIR/feature_cache), later epochs run only the heads.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import demo  # noqa: E402
+from configs import demo
 
 
 def get_config():
   c = demo.get_config()
-  for section in (c.clip, c.dino):
+  for section in (c.backbones.semantic, c.backbones.structural):
     section.random_init = "demo"
     section.image_size = 224   # patch 16 -> 14 x 14 tokens
     section.layers = (3, 6, 9, 12)

@@ -3,24 +3,20 @@
     python -m ssvp_jax.train --config=configs/tiny.py --workdir=/tmp/ssvp_tiny
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402
+from configs import base
 
 
 def get_config():
   c = base.get_config()
-  c.clip.random_init = "tiny"
-  c.clip.image_size = 28       # patch 7 -> 4 x 4 tokens
-  c.clip.layers = (1, 2)
-  c.dino.random_init = "tiny"
-  c.dino.image_size = 16       # patch 4 -> 4 x 4 tokens
-  c.dino.layers = (1, 2)
-  c.model.atf_heads, c.model.atf_head_dim = 2, 4
-  c.model.latent_dim, c.model.latent_tokens = 6, 2
-  c.model.n_background, c.model.n_state = 2, 2
+  c.backbones.semantic.random_init = "tiny"
+  c.backbones.semantic.image_size = 28       # patch 7 -> 4 x 4 tokens
+  c.backbones.semantic.layers = (1, 2)
+  c.backbones.structural.random_init = "tiny"
+  c.backbones.structural.image_size = 16       # patch 4 -> 4 x 4 tokens
+  c.backbones.structural.layers = (1, 2)
+  c.hsvs.num_heads, c.hsvs.head_dim = 2, 4
+  c.vcpg.latent_dim, c.vcpg.latent_tokens = 6, 2
+  c.prompts.n_background, c.prompts.n_state = 2, 2
 
   c.train_data = base.dataset("mvtec", "{workdir}/data/source")
   c.train_data.synth.update(layout="mvtec", categories=("brick", "grating"), size=32, num_good=4,

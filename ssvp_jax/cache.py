@@ -10,18 +10,18 @@ Layout (content-addressed, safe to share between runs and machines):
     DIR/<fingerprint>/info.json                         what the fingerprint covers (for humans)
     DIR/<fingerprint>/<ab>/<image digest>-<mask digest>.safetensors
 
-* `fingerprint` hashes everything the features depend on besides the image: the vision-backbone
-  variables themselves (not file names), their architecture configs, the tapped layers, the
-  local-token mode (D3), the views (resolution, mean/std), the mask size, the `clip`/`dino`
-  config sections (minus the bundle path), the compute dtype (`config.dtype`) and the storage
-  dtype. Changing any of them starts a
-  new folder; old folders can simply be deleted.
+* `fingerprint` hashes everything the features depend on besides the image: the backbones'
+  variables themselves (not file names), their architecture configs, the tapped layers, the views
+  (resolution, mean/std), the mask size, the `backbones` config sections (name, local-token mode
+  D3, ...; minus the bundle paths), the compute dtype (`config.dtype`) and the storage dtype.
+  Changing any of them starts a new folder; old folders can simply be deleted.
 * the entry name hashes the image file's bytes (and the mask file's bytes): an edited image is a
   different entry, a renamed or copied one the same.
 
 An entry is one safetensors file (a format made for arrays: a JSON header, raw little-endian
-buffers, no pickle, readable by memory map) holding `clip_local.<l>` [N, C], `clip_global` [E],
-`dino_local.<l>` [N, D], `dino_global` [D] and `mask` [S, S] uint8. One file per image makes
+buffers, no pickle, readable by memory map) holding one array per `Features` field and tap
+(`semantic_local.<l>` [N, C], `semantic_global` [E], `structural_local.<l>` [N, D],
+`structural_global` [D]) and `mask` [S, S] uint8. One file per image makes
 writes independent and atomic (temporary file + `os.replace`), so concurrent writers of the same
 entry never leave a torn file. bfloat16 travels as raw uint16 bits (safetensors' NumPy reader
 has no bfloat16) with the dtype named in the header's metadata.
@@ -40,7 +40,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -57,7 +57,7 @@ from ssvp_jax.models.ssvp import SSVP, Features
 
 log = logging.getLogger("ssvp_jax")
 
-FORMAT_VERSION = 2  # 2: entries carry a checksum
+FORMAT_VERSION = 3  # 2: entries carry a checksum; 3: arrays named by backbone role
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
           "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _CHUNK = 1 << 20
@@ -101,22 +101,23 @@ def _config_section(section: ml_collections.ConfigDict) -> dict:
 def key_description(model: SSVP, config: ml_collections.ConfigDict, views: Sequence[View], mask_size: int,
                     dtype: str) -> dict:
   """Everything besides the image that an entry depends on (hashed into the fingerprint)."""
-  return {
+  out = {
       "format_version": FORMAT_VERSION,
-      "clip_vision_params": params_digest(model.clip.vision),
-      "dino_params": params_digest(model.dino),
-      "clip_arch": repr(model.clip.config),
-      "dino_arch": repr(model.dino.cfg),
-      "clip_layers": list(model.clip_layers),
-      "dino_layers": list(model.dino_layers),
-      "local_tokens": model.local_tokens,
       "views": [[v.name, v.size, list(v.mean), list(v.std)] for v in views],
       "mask_size": mask_size,
       "compute_dtype": str(config.get("dtype") or "float32"),  # bf16 backbones give other features
-      "clip_config": _config_section(config.clip),
-      "dino_config": _config_section(config.dino),
       "dtype": dtype,
   }
+  for role, backbone, layers in (("semantic", model.semantic, model.semantic_layers),
+                                 ("structural", model.structural, model.structural_layers)):
+    out[role] = {"params": params_digest(backbone), "arch": repr(_arch(backbone)), "layers": list(layers),
+                 "config": _config_section(config.backbones[role])}
+  return out
+
+
+def _arch(backbone) -> Any:
+  """A backbone's architecture config (our modules keep it as `config` or `cfg`)."""
+  return getattr(backbone, "config", None) or getattr(backbone, "cfg")
 
 
 def fingerprint(description: dict) -> str:
@@ -141,17 +142,26 @@ def _to_storage(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def _one(feats: Features, b: int) -> dict[str, np.ndarray]:
   """Image `b` of a batch of features as flat named arrays."""
-  out = {f"clip_local.{l}": t[b] for l, t in enumerate(feats.clip_local)}
-  out.update({f"dino_local.{l}": t[b] for l, t in enumerate(feats.dino_local)})
-  out.update(clip_global=feats.clip_global[b], dino_global=feats.dino_global[b])
+  out = {}
+  for field, value in feats._asdict().items():
+    if isinstance(value, tuple):
+      out.update({f"{field}.{l}": t[b] for l, t in enumerate(value)})
+    else:
+      out[field] = value[b]
   return out
+
+
+def entry_names(num_taps: int) -> set[str]:
+  """The arrays of one entry: every Features field (per tap for the local ones) and the mask."""
+  return {name for f in Features._fields
+          for name in ([f"{f}.{l}" for l in range(num_taps)] if f.endswith("_local") else [f])} | {"mask"}
 
 
 def _stack(entries: Sequence[dict[str, np.ndarray]], num_taps: int) -> Features:
   def s(name):
     return np.stack([e[name] for e in entries])
-  return Features(clip_local=tuple(s(f"clip_local.{l}") for l in range(num_taps)), clip_global=s("clip_global"),
-                  dino_local=tuple(s(f"dino_local.{l}") for l in range(num_taps)), dino_global=s("dino_global"))
+  return Features(**{f: tuple(s(f"{f}.{l}") for l in range(num_taps)) if f.endswith("_local") else s(f)
+                      for f in Features._fields})
 
 
 def round_trip(feats: Features, dtype: str) -> Features:
@@ -253,8 +263,7 @@ class FeatureCache:
       raise CacheError(f"{path}: unreadable feature-cache entry ({type(e).__name__}: {e})") from e
     if stored != checksum(tensors):
       raise CacheError(f"{path}: feature-cache entry fails its checksum (damaged on disk)")
-    expected = ({f"clip_local.{l}" for l in range(self.num_taps)} | {f"dino_local.{l}" for l in range(self.num_taps)}
-                | {"clip_global", "dino_global", "mask"})
+    expected = entry_names(self.num_taps)
     if set(tensors) != expected:
       raise CacheError(f"{path}: feature-cache entry holds {sorted(tensors)}, expected {sorted(expected)}")
     mask = tensors.pop("mask").astype(np.float32)
@@ -278,7 +287,7 @@ class FeatureCache:
 
     Same order and composition as `distributed.train_batches` with the same (seed, epoch), so losses
     match the uncached loop. A batch whose entries all exist (in every process) is read from disk;
-    otherwise each process decodes its rows and calls `features(clip_rows, dino_rows)` -> their
+    otherwise each process decodes its rows and calls `features(semantic_rows, structural_rows)` -> their
     Features (in several processes a collective call over the global batch: `trainer._feature_pass`),
     and writes its rows' entries (in the background; the generator waits for the writes before it ends).
     The first `skip` batches (already trained before a resume) are yielded as None, uncomputed.
@@ -316,9 +325,9 @@ class FeatureCache:
           # compilation) and every process joins the collective call.
           exs = [it if isinstance(it, dict) else load_example(records[i], views, self.mask_size, index=int(i))
                  for it, i in zip(items, group)]
-          clip_images = np.stack([e["clip"] for e in exs])  # [rows, Hc, Wc, 3]
-          dino_images = np.stack([e["dino"] for e in exs])  # [rows, Hd, Wd, 3]
-          feats = jax.tree.map(np.asarray, features(clip_images, dino_images))
+          semantic_images = np.stack([e["semantic"] for e in exs])  # [rows, Hs, Ws, 3]
+          structural_images = np.stack([e["structural"] for e in exs])  # [rows, Hd, Wd, 3]
+          feats = jax.tree.map(np.asarray, features(semantic_images, structural_images))
           mask = np.stack([e["mask"] for e in exs])
           for b, i in enumerate(group):
             writes.append(pool.submit(self.store, records[i], _one(feats, b), mask[b]))
@@ -345,4 +354,4 @@ def from_config(config: ml_collections.ConfigDict, workdir: str, model: SSVP,
   root = section.dir.replace("{workdir}", workdir)
   mask_size = views[0].size
   description = key_description(model, config, views, mask_size, section.dtype)
-  return FeatureCache(root, description, len(model.clip_layers))
+  return FeatureCache(root, description, len(model.semantic_layers))

@@ -21,27 +21,29 @@ log = logging.getLogger("ssvp_jax")
 
 
 def _decisions(c: ml_collections.ConfigDict) -> dict[str, str]:
-  m, loss, opt = c.model, c.loss, c.optim
+  h, v, t, loss, opt = c.hsvs, c.vcpg, c.vtam, c.loss, c.optim
+  sem, struct = c.backbones.semantic, c.backbones.structural
   return {
-      "D1": f"ATF {m.atf_heads} heads x {m.atf_head_dim}, {'shared' if m.atf_shared else 'own weights per scale'}",
-      "D2": f"DINOv3 taps {tuple(c.dino.layers)} (CLIP {tuple(c.clip.layers)})",
-      "D3": f"CLIP local tokens {c.clip.local_tokens}, L2-normalised after the map: {m.get('clip_token_norm', False)}",
-      "D4": f"{m.n_background} background + {m.n_state} state tokens, class words {m.class_words}",
+      "D1": f"ATF {h.num_heads} heads x {h.head_dim}, {'shared' if h.share_scales else 'own weights per scale'}",
+      "D2": f"{struct.name} taps {tuple(struct.layers)} ({sem.name} {tuple(sem.layers)})",
+      "D3": f"{sem.name} local tokens {sem.get('local_tokens', 'raw')}, L2-normalised after the map: "
+            f"{h.normalize_clip}",
+      "D4": f"{c.prompts.n_background} background + {c.prompts.n_state} state tokens, class words {c.class_words}",
       "D5": "bank prototype: mean of normalised rows",
-      "D6": f"S_global {m.s_global}",
-      "D7": (f"tau learned from {m.tau}, lr {opt.get('lr_tau', opt.lr)}" if m.learn_tau else f"tau fixed {m.tau}"),
-      "D8": f"latent {m.latent_dim}-d in {m.latent_tokens} token(s)",
-      "D9": f"S_local {m.s_local}" + (f" (k={m.s_local_topk})" if m.s_local == "topk" else ""),
+      "D6": f"S_global {t.s_global}",
+      "D7": (f"tau learned from {t.tau}, lr {opt.get('lr_tau', opt.lr)}" if t.learn_tau else f"tau fixed {t.tau}"),
+      "D8": f"latent {v.latent_dim}-d in {v.latent_tokens} token(s)",
+      "D9": f"S_local mean of the top {t.top_k}" if t.top_k else "S_local max",
       "D10": "deep text prompts off",
       "D11": f"L_seg form {loss.get('seg_form', 'mean')}, Dice {loss.dice}",
-      "D12": f"LayerNorm in Eq. 11: {m.prompt_ln}",
+      "D12": f"LayerNorm in Eq. 11: {v.use_ln}",
       "D13": "no training augmentation",
       "D14": f"map smoothing sigma {c.eval.sigma}",
       "D15": f"score normalisation {c.eval.score_norm}",
       "D16": f"warmup {opt.warmup_frac:.0%} of steps, then cosine",
       "D17": f"L_seg on the fused P_map too: {loss.get('supervise_fused', False)}",
-      "D18": f"stop-gradient into the VAE: {m.get('vae_stop_grad', False)}",
-      "D19": f"Eq. 9 reconstruction {m.get('rec_reduction', 'mean')}, KL {m.kl_reduction} per image",
+      "D18": f"stop-gradient into the VAE: {v.stop_grad_input}",
+      "D19": f"Eq. 9 reconstruction {v.rec_reduction}, KL {v.kl_reduction} per image",
       "D20": f"training logits direct: {loss.get('direct_logits', False)}",
       "D21": f"compute {c.get('dtype') or 'float32'}, VTAM and losses float32, matmul precision "
              f"{c.get('matmul_precision') or 'highest'}, log_var clamped",
@@ -60,7 +62,7 @@ def _dataset(ds: ml_collections.ConfigDict, mode: str) -> dict[str, Any]:
 
 def summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """{"train_data": {...}, "eval_data": {key: {...}}, "decisions": {"D1": ..., ...}} of a config."""
-  mode = config.model.class_words
+  mode = config.class_words
   return {"train_data": _dataset(config.train_data, mode),
           "eval_data": {k: _dataset(v, mode) for k, v in config.eval_data.items()},
           "decisions": _decisions(config)}

@@ -19,8 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ssvp_jax import maps as maps_lib
-from ssvp_jax import distributed, functional, metrics, report, sharding
-from ssvp_jax.data.pipeline import iterate_batches, load_image, resize_image
+from ssvp_jax import config_upgrade, distributed, functional, metrics, report, sharding
+from ssvp_jax.data.pipeline import iterate_batches, load_image, resize_image, views
 from ssvp_jax.errors import UserError
 from ssvp_jax.models.prompts import make_templates
 from ssvp_jax.models.ssvp import SSVP
@@ -29,12 +29,12 @@ from ssvp_jax.models.vtam import final_score, local_score
 log = logging.getLogger("ssvp_jax")
 
 
-def eval_step(model: SSVP, clip_images, dino_images, t_init, size: int, sigma: float):
+def eval_step(model: SSVP, semantic_images, structural_images, t_init, size: int, sigma: float):
   """Deterministic (z = mu) maps at the input resolution and the three image scores.
 
   Jit it with the model bound: `functional.Bound(eval_step, model)(ci, di, t_init, size=, sigma=)`.
   """
-  return head_outputs(model, model.features(clip_images, dino_images), t_init, size, sigma)
+  return head_outputs(model, model.features(semantic_images, structural_images), t_init, size, sigma)
 
 
 def head_outputs(model: SSVP, feats, t_init, size: int, sigma: float):
@@ -67,16 +67,15 @@ def image_scores(s_global: np.ndarray, s_local: np.ndarray, s_final: np.ndarray,
 def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, records, desc: str = "eval"
                     ) -> dict[str, np.ndarray]:
   """Runs the model over `records`; returns per-record maps [N, S, S] and scores [N] (record order)."""
-  from ssvp_jax.trainer import views  # the trainer owns the input description
 
   categories = sorted({r.category for r in records})
-  templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.model.class_words,
-                             model.clip.config.text.context_length)
+  templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.class_words,
+                             model.semantic.context_length)
   table = functional.Bound(SSVP.prompt_table, model)((templates.ids, templates.eot))
   table = sharding.to_host(table)  # [C, P, E], small; indexed on the host below
   mesh = sharding.model_mesh(model)  # None: a model `sharding.shard_model` never placed
   cls = np.array([categories.index(r.category) for r in records], np.int32)
-  size = config.clip.image_size
+  size = config.backbones.semantic.image_size
   n = len(records)
   out = {"maps": np.zeros((n, size, size), np.float32), "masks": np.zeros((n, size, size), bool),
          "s_global": np.zeros(n, np.float32), "s_local": np.zeros(n, np.float32),
@@ -88,7 +87,7 @@ def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, r
   for batch in tqdm(batches, total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False,
                     disable=not distributed.is_main()):
     idx = batch["index"]
-    inputs = (batch["clip"], batch["dino"], table[cls[np.maximum(idx, 0)]])
+    inputs = (batch["semantic"], batch["structural"], table[cls[np.maximum(idx, 0)]])
     if mesh is not None:  # examples split over the mesh's data axis; every process holds the whole batch
       inputs = sharding.shard_batch(inputs, mesh, what="--config.eval.batch_size")
     amap, sg, sl, sf = step(*inputs, size=size, sigma=float(config.eval.sigma))
@@ -115,7 +114,7 @@ def evaluate_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, 
     cat_records = [r for r in records if r.category == cat]
     pred = predict_records(model, tokenizer, config, cat_records, desc=f"{dataset}/{cat}")
     labels = np.array([r.label for r in cat_records], np.int32)
-    scores = image_scores(pred["s_global"], pred["s_local"], pred["s_final"], config.model.gamma,
+    scores = image_scores(pred["s_global"], pred["s_local"], pred["s_final"], config.vtam.gamma,
                           config.eval.score_norm)
     img = metrics.image_metrics(labels, scores)
     # Anomalous images without a mask (datasets that ship none) cannot enter pixel metrics.
@@ -131,7 +130,7 @@ def _write_overlays(records, pred, labels, config, out_dir) -> None:
   # Anomalous images first, then normal ones, up to config.eval.overlays per category.
   order = sorted(range(len(records)), key=lambda i: (-labels[i], i))[:config.eval.overlays]
   os.makedirs(out_dir, exist_ok=True)
-  size = config.clip.image_size
+  size = config.backbones.semantic.image_size
   for i in order:
     rec = records[i]
     image = resize_image(load_image(rec.image_path), size)
@@ -168,10 +167,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                             "(train with `python -m ssvp_jax.train --config=... --workdir=...`)")
   with open(path) as f:
     try:
-      return ml_collections.ConfigDict(json.load(f))
+      stored = json.load(f)
     except ValueError as e:
       from ssvp_jax.errors import UserError
       raise UserError(f"{path}: not valid JSON ({e}); see config_history.jsonl beside it") from None
+  return ml_collections.ConfigDict(config_upgrade.upgrade(stored, path))
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str, move_bad: bool = False):

@@ -5,12 +5,12 @@
     python -m ssvp_jax.export --workdir=runs/demo --out=runs/demo/model.onnx --format=onnx   # see onnx_export
 
 The exported function takes RGB images `float32 [b, S, S, 3]` with values in [0, 1] (b symbolic: any
-batch size; S = --size, default config.clip.image_size) and computes everything the Python model does:
+batch size; S = --size, default config.backbones.semantic.image_size) and computes everything the Python model does:
 bicubic resizing to each backbone's input size, normalisation, CLIP and DINOv3, the heads (T_init of
 the chosen category baked in as a constant, so no text tower), the upsampled and smoothed map and the
 scores, fused with the category's reference bank when calibrate stored one (its arrays travel as
 weights; --no_reference leaves it out). It returns {"map": [b, M, M], "score", "s_global", "s_local": [b]} with M =
-config.clip.image_size, the map size of evaluation and predict.
+config.backbones.semantic.image_size, the map size of evaluation and predict.
 
 The resizing inside is PIL's antialiased bicubic filter written as two matrices, so for an image that
 is already S x S the exported scores equal `predict`'s to float tolerance; other sizes are first
@@ -83,7 +83,7 @@ def _resize(images: jax.Array, matrix: np.ndarray) -> jax.Array:
 
 def _exported_weight(path: tuple, value: Any) -> bool:
   # The text tower and the prompt vectors only make T_init, which is baked in: leave them out.
-  return isinstance(value, nnx.Param) and tuple(path[:2]) != ("clip", "text") and path[0] != "prompts"
+  return isinstance(value, nnx.Param) and tuple(path[:3]) != ("backbones", "semantic", "text") and path[0] != "prompts"
 
 
 def inference_function(engine: inference.Engine, input_size: int
@@ -107,14 +107,14 @@ def inference_function(engine: inference.Engine, input_size: int
 
   def fn(weight_leaves: list[jax.Array], images: jax.Array) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, weight_leaves[:n_model]), rest)
-    clip, dino = ((_resize(images, m) - mean) / std for m, (mean, std) in zip(matrices, stats))
+    semantic, structural = ((_resize(images, m) - mean) / std for m, (mean, std) in zip(matrices, stats))
     t = jnp.broadcast_to(t_init, (images.shape[0],) + t_init.shape)  # [b, P, E]
     if not bank_leaves:
-      amap, s_global, s_local, s_final = evaluate.eval_step(model, clip, dino, t, map_size, sigma)  # [b, M, M]
+      amap, s_global, s_local, s_final = evaluate.eval_step(model, semantic, structural, t, map_size, sigma)  # [b, M, M]
       return {"map": amap, "score": s_final, "s_global": s_global, "s_local": s_local}
     bank = jax.tree.unflatten(bank_def, weight_leaves[n_model:])
     (amap, s_global, s_local, s_final), ((bmap, bscore),), _ = reference.step(
-        model, clip, dino, t, (bank,), spec=spec, size=map_size, sigma=sigma)
+        model, semantic, structural, t, (bank,), spec=spec, size=map_size, sigma=sigma)
     return {"map": reference.fuse(amap, bmap, weight), "score": reference.fuse(s_final, bscore, weight),
             "s_global": s_global, "s_local": s_local, "bank_score": bscore}
 
@@ -137,7 +137,7 @@ def artifact_meta(engine: inference.Engine, size: int, calibration: dict[str, An
       "input_size": size, "input": "float32 [b, S, S, 3] RGB in [0, 1]",
       "map_size": engine.map_size, "outputs": ["map", "score", "s_global", "s_local"],
       "score": "S_final (Eq. 19)", "category": engine.category,
-      "class_words": engine.config.model.class_words, "sigma": engine.sigma, "checkpoint_step": engine.step,
+      "class_words": engine.config.class_words, "sigma": engine.sigma, "checkpoint_step": engine.step,
       "views": [{"name": v.name, "size": v.size, "mean": list(v.mean), "std": list(v.std)} for v in engine.views],
       "image_threshold": None, "pixel_threshold": None,
       "reference": None if engine.bank is None else {
@@ -239,7 +239,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("category", inference.DEFAULT_CATEGORY, "Category word baked into the prompts "
                       "(default 'object', or the calibrated one).")
   flags.DEFINE_bool("no_reference", False, "Leave the category's stored reference bank out (zero-shot only).")
-  flags.DEFINE_integer("size", None, "Input side S of the exported function (default config.clip.image_size).")
+  flags.DEFINE_integer("size", None, "Input side S of the exported function (default config.backbones.semantic.image_size).")
   flags.DEFINE_string("platforms", ",".join(DEFAULT_PLATFORMS), "Comma-separated jax.export platforms; "
                       "if one fails to lower, CPU only.")
   ssvp_jax.cli.run(main)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ssvp_jax import distributed, functional, metrics, reference, report, sharding
 from ssvp_jax.data import datasets
 from ssvp_jax.data.common import DatasetError
-from ssvp_jax.data.pipeline import iterate_batches
+from ssvp_jax.data.pipeline import iterate_batches, views
 from ssvp_jax.errors import UserError
 from ssvp_jax.models.prompts import make_templates
 from ssvp_jax.models.ssvp import SSVP
@@ -50,13 +50,12 @@ def draw_references(candidates, k: int, seed: int, where: str) -> list:
 
 def reference_layers(model: SSVP, config: ml_collections.ConfigDict, records) -> tuple[np.ndarray, ...]:
   """The selected, normalised taps of `records` (decoded as evaluation decodes): L' x [k, N, D]."""
-  from ssvp_jax.trainer import views
   spec = reference.spec(config)
   run = functional.Bound(reference.selected_features, model)
   parts = []
   for batch in iterate_batches(records, views(config), batch_size=config.eval.batch_size, pad_remainder=True,
-                               mask_size=config.clip.image_size, num_threads=config.data.workers):
-    out = run(batch["clip"], batch["dino"], spec=spec)
+                               mask_size=config.backbones.semantic.image_size, num_threads=config.data.workers):
+    out = run(batch["semantic"], batch["structural"], spec=spec)
     parts.append([np.asarray(x)[batch["valid"]] for x in out])
   return tuple(np.concatenate(p) for p in zip(*parts))
 
@@ -85,10 +84,9 @@ def score_category(model: SSVP, config, test_records, references: list[list], t_
                    ) -> dict[str, np.ndarray]:
   """Maps and scores of one category's test images: one bank per seed (`references`: records per seed),
   the zero-shot outputs when t_init [P, E] is given, mutual scoring when config.reference.mutual."""
-  from ssvp_jax.trainer import views
   ref = reference.settings(config)
   spec = reference.spec(config)
-  size, sigma = config.clip.image_size, float(config.eval.sigma)
+  size, sigma = config.backbones.semantic.image_size, float(config.eval.sigma)
   banks = tuple(reference.build_bank(reference_layers(model, config, r), spec, ref.coreset) for r in references)
   n = len(test_records)
   out = {"bank_maps": np.zeros((len(banks), n, size, size), np.float32),
@@ -107,7 +105,7 @@ def score_category(model: SSVP, config, test_records, references: list[list], t_
                     dynamic_ncols=True, disable=not distributed.is_main()):
     keep, idx = batch["valid"], batch["index"][batch["valid"]]
     t = None if t_init is None else np.broadcast_to(t_init, (len(keep),) + t_init.shape)
-    inputs = (batch["clip"], batch["dino"])
+    inputs = (batch["semantic"], batch["structural"])
     if mesh is not None:
       inputs = sharding.shard_batch(inputs, mesh, what="--config.eval.batch_size")
     zs, per_bank, q = run(*inputs, t, banks, spec=spec, size=size, sigma=sigma, return_features=ref.mutual)
@@ -162,8 +160,8 @@ def evaluate_fewshot(config: ml_collections.ConfigDict, model: SSVP, tokenizer, 
     categories = sorted({r.category for r in test})
     table = None
     if trained:
-      templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.model.class_words,
-                                 model.clip.config.text.context_length)
+      templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.class_words,
+                                 model.semantic.context_length)
       table = np.asarray(sharding.to_host(
           functional.Bound(SSVP.prompt_table, model)((templates.ids, templates.eot))))  # [C, P, E]
     log.info("%d-shot evaluation of %s: %d categories, seeds 0..%d", shots, key, len(categories), ref.seeds - 1)

@@ -34,7 +34,7 @@ from PIL import Image
 
 from ssvp_jax import evaluate, functional, reference
 from ssvp_jax.data.common import DatasetError
-from ssvp_jax.data.pipeline import View, load_image, normalize, resize_image
+from ssvp_jax.data.pipeline import View, load_image, normalize, resize_image, views
 from ssvp_jax.models.prompts import class_words, make_templates
 from ssvp_jax.models.ssvp import SSVP
 
@@ -52,7 +52,7 @@ class Engine:
   config: ml_collections.ConfigDict
   category: str
   t_init: jax.Array          # [P, E] T_init of the category (Eq. 6), computed once
-  views: tuple[View, View]   # CLIP's and DINOv3's input description
+  views: tuple[View, View]   # the semantic and structural backbones' inputs (data.pipeline.views)
   step: int | None           # checkpoint step the heads come from
   tokenizer: object = None   # needed only by `with_category`
   bank: reference.Bank | None = None  # the category's reference bank (fused with weight config.reference.weight)
@@ -65,7 +65,7 @@ class Engine:
   @property
   def map_size(self) -> int:
     """Side of the anomaly maps: the CLIP input size, as in evaluation."""
-    return int(self.config.clip.image_size)
+    return int(self.config.backbones.semantic.image_size)
 
   @property
   def sigma(self) -> float:
@@ -84,22 +84,22 @@ class Engine:
     """float [H, W, 3] in [0, 1] -> (CLIP input [Sc, Sc, 3], DINOv3 input [Sd, Sd, 3]), normalised."""
     return tuple(normalize(resize_image(image, v.size), v.mean, v.std) for v in self.views)
 
-  def forward(self, clip_images: np.ndarray, dino_images: np.ndarray, owner: np.ndarray | None = None
+  def forward(self, semantic_images: np.ndarray, structural_images: np.ndarray, owner: np.ndarray | None = None
               ) -> dict[str, np.ndarray]:
     """A batch through `evaluate.eval_step`: {"map": [B, S, S], "score", "s_global", "s_local": [B]}.
 
     With a bank, "map" and "score" are the fused ones (reference.fuse), "bank_score" the bank's alone,
     and `owner` [B] (bank image index or -1) scores a bank's own references leave-one-out.
     """
-    b = clip_images.shape[0]
+    b = semantic_images.shape[0]
     t_init = jnp.broadcast_to(self.t_init, (b,) + self.t_init.shape)  # [B, P, E]
     if self.bank is None:
-      amap, sg, sl, sf = self._eval_step(clip_images, dino_images, t_init, size=self.map_size, sigma=self.sigma)
+      amap, sg, sl, sf = self._eval_step(semantic_images, structural_images, t_init, size=self.map_size, sigma=self.sigma)
       return {"map": np.asarray(amap), "score": np.asarray(sf), "s_global": np.asarray(sg),
               "s_local": np.asarray(sl)}
     owner = np.full(b, -1, np.int32) if owner is None else np.asarray(owner, np.int32)
     (amap, sg, sl, sf), ((bmap, bscore),), _ = self._bank_step(
-        clip_images, dino_images, t_init, (self.bank,), owner, spec=reference.spec(self.config),
+        semantic_images, structural_images, t_init, (self.bank,), owner, spec=reference.spec(self.config),
         size=self.map_size, sigma=self.sigma)
     w = float(reference.settings(self.config).weight)
     return {"map": np.asarray(reference.fuse(amap, bmap, w)), "score": np.asarray(reference.fuse(sf, bscore, w)),
@@ -117,9 +117,9 @@ def checkpoint_step(workdir: str) -> int | None:
 
 
 def category_table(model: SSVP, tokenizer, config: ml_collections.ConfigDict, category: str) -> jax.Array:
-  """T_init [P, E] of one category through the frozen text tower (the words follow config.model.class_words)."""
-  templates = make_templates(tokenizer, [category], model.prompts.n_learnable, config.model.class_words,
-                             model.clip.config.text.context_length)
+  """T_init [P, E] of one category through the frozen text tower (the words follow config.class_words)."""
+  templates = make_templates(tokenizer, [category], model.prompts.n_learnable, config.class_words,
+                             model.semantic.context_length)
   table = functional.Bound(SSVP.prompt_table, model)((templates.ids, templates.eot))
   return table[0]
 
@@ -128,13 +128,12 @@ def load_engine(workdir: str, category: str = DEFAULT_CATEGORY,
                 config: ml_collections.ConfigDict | None = None, use_reference: bool = True) -> Engine:
   """The trained model of `workdir` (its saved config unless `config` is given) for `category`, with the
   category's stored reference bank (`reference.bank_path`, written by calibrate) when `use_reference`."""
-  from ssvp_jax.trainer import views  # the trainer owns the input description
   config = config if config is not None else evaluate.load_config(workdir)
   model, tokenizer = evaluate.load_trained(config, workdir)
   if config.eval.score_norm != "none":
     log.warning("config.eval.score_norm=%r is transductive (per-class min-max over a test set); single images "
                 "are scored with S_final of Eq. 19 instead (D15 'none')", config.eval.score_norm)
-  log.info("category %r: prompts say %r", category, class_words(category, config.model.class_words))
+  log.info("category %r: prompts say %r", category, class_words(category, config.class_words))
   engine = Engine(model, config, category, category_table(model, tokenizer, config, category), views(config),
                   checkpoint_step(workdir), tokenizer)
   return with_stored_bank(engine, workdir) if use_reference else engine
@@ -166,7 +165,7 @@ class Scored:
   bank_score: float = math.nan       # the reference bank's score alone (NaN without a bank)
   s_global: float = math.nan
   s_local: float = math.nan
-  map: np.ndarray | None = None      # [S, S] at the model's resolution (S = config.clip.image_size)
+  map: np.ndarray | None = None      # [S, S] at the model's resolution (S = config.backbones.semantic.image_size)
   image: np.ndarray | None = None    # [h, w, 3] in [0, 1] at overlay size (only with keep_image)
   seconds: float = 0.0               # decoding + this image's share of its batch's forward pass
 
@@ -210,11 +209,11 @@ def _load(engine: Engine, path: str, keep_image: bool):
   if error:
     return path, error, None, time.perf_counter() - t0
   h, w = image.shape[:2]
-  clip, dino = engine.preprocess(image)
+  semantic, structural = engine.preprocess(image)
   small = None
   if keep_image:
     small = overlay_image(image, engine.map_size)
-  return path, None, (clip, dino, h, w, small), time.perf_counter() - t0
+  return path, None, (semantic, structural, h, w, small), time.perf_counter() - t0
 
 
 def _loaded_batches(engine: Engine, paths: Sequence[str], batch_size: int, workers: int, keep_image: bool):
@@ -236,13 +235,13 @@ def _loaded_batches(engine: Engine, paths: Sequence[str], batch_size: int, worke
 
 
 def _padded(engine: Engine, loaded, ok: list[int], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """The decoded rows `ok` of a batch as (clip, dino) arrays of `batch_size` rows (padding rows zero)."""
+  """The decoded rows `ok` of a batch as (semantic, structural) arrays of `batch_size` rows (padding rows zero)."""
   sc, sd = (v.size for v in engine.views)
-  clip = np.zeros((batch_size, sc, sc, 3), np.float32)  # padding rows stay zero; their outputs are dropped
-  dino = np.zeros((batch_size, sd, sd, 3), np.float32)
+  semantic = np.zeros((batch_size, sc, sc, 3), np.float32)  # padding rows stay zero; their outputs are dropped
+  structural = np.zeros((batch_size, sd, sd, 3), np.float32)
   for row, i in enumerate(ok):
-    clip[row], dino[row] = loaded[i][2][0], loaded[i][2][1]
-  return clip, dino
+    semantic[row], structural[row] = loaded[i][2][0], loaded[i][2][1]
+  return semantic, structural
 
 
 def score_files(engine: Engine, paths: Sequence[str], batch_size: int = 8, workers: int = 4,
@@ -262,12 +261,12 @@ def _run_batch(engine: Engine, loaded, batch_size: int, owners: Sequence[int] | 
   out = [Scored(path, error=err, seconds=sec) for path, err, _, sec in loaded]
   if not ok:
     return out
-  clip, dino = _padded(engine, loaded, ok, batch_size)
+  semantic, structural = _padded(engine, loaded, ok, batch_size)
   owner = np.full(batch_size, -1, np.int32)
   if owners is not None:
     owner[:len(ok)] = [owners[i] for i in ok]
   t0 = time.perf_counter()
-  res = engine.forward(clip, dino, owner if engine.bank is not None else None)
+  res = engine.forward(semantic, structural, owner if engine.bank is not None else None)
   share = (time.perf_counter() - t0) / len(ok)
   for row, i in enumerate(ok):
     _, _, h, w, small = loaded[i][2]
@@ -315,7 +314,7 @@ def define_flags() -> None:
   """--category, --batch_size, --workers for the predict and calibrate entry points (call once, in main)."""
   from absl import flags
   flags.DEFINE_string("category", DEFAULT_CATEGORY, "Category word(s) for the prompts, e.g. 'bottle'. Default "
-                      "'object' (class-agnostic); passed through config.model.class_words like a dataset's "
+                      "'object' (class-agnostic); passed through config.class_words like a dataset's "
                       "category names.")
   flags.DEFINE_integer("batch_size", None, "Images per forward pass (default: config.eval.batch_size).")
   flags.DEFINE_integer("workers", 4, "Decoding threads.")

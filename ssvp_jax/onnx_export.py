@@ -9,7 +9,7 @@ category's T_init baked in, and whatever else that function closes over), by jax
 weights as initializers. The graph has one input and four named outputs:
 
   images    float32 [B, S, S, 3] RGB in [0, 1]; B is a dynamic axis
-  map       float32 [B, M, M]   (M = config.clip.image_size)
+  map       float32 [B, M, M]   (M = config.backbones.semantic.image_size)
   score     float32 [B]         S_final (Eq. 19)
   s_global  float32 [B]
   s_local   float32 [B]

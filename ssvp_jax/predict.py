@@ -7,7 +7,7 @@ writes into --out:
                         s_local, seconds, overlay, map, error
   overlays/<name>.png   the image blended with its map on a fixed colour scale (0 blue .. 1 red), with
                         a magenta contour where the map reaches the pixel threshold
-  maps/<name>.npy       the raw map, float32 [S, S] at the model's resolution (S = config.clip.image_size);
+  maps/<name>.npy       the raw map, float32 [S, S] at the model's resolution (S = config.backbones.semantic.image_size);
                         with --tile, float32 [H, W] stitched at the image's full resolution (see tiling.py)
 
 With a reference bank stored by calibrate for the category (workdir/reference/<category>.npz), score and

@@ -43,15 +43,17 @@ import ml_collections
 import numpy as np
 
 from ssvp_jax import maps as maps_lib
+from ssvp_jax.data.pipeline import views
 from ssvp_jax.errors import UserError
+from ssvp_jax.models.backbone import ROLES
 from ssvp_jax.models.ssvp import SSVP, Features
 
-BACKBONES = ("clip", "dino")
+BACKBONES = ROLES
 DEFAULTS = dict(
     shots=0,                   # K references per category in evaluate (0: no few-shot rows; --shots)
     seeds=3,                   # draws of the K references (seeds 0..seeds-1); reports give mean and std
-    backbones=("clip", "dino"),  # which backbones' patch tokens feed the bank
-    taps=(-1,),                # positions in clip.layers / dino.layers (0-based, negative from the end); () =
+    backbones=ROLES,           # which backbones' patch tokens feed the bank ("semantic", "structural")
+    taps=(-1,),                # positions in backbones.<role>.layers (0-based, negative from the end); () =
                                # every tap. The last tap of each backbone (AnomalyDINO's choice): on the
                                # demo as accurate as all four (docs/reference_bank.md) at a quarter of the cost
     top_percent=1.0,           # image score: mean of the top 1 % patch distances (AnomalyDINO)
@@ -112,7 +114,7 @@ def select(feats: Features, spec: Spec) -> tuple[jax.Array, ...]:
   """The taps that feed the bank, L2-normalised in float32: L' x [B, N, D_l]."""
   out = []
   for name in spec.backbones:
-    taps = feats.clip_local if name == "clip" else feats.dino_local
+    taps = feats.semantic_local if name == "semantic" else feats.structural_local
     which = spec.taps or tuple(range(len(taps)))
     for t in which:
       if not -len(taps) <= t < len(taps):
@@ -121,9 +123,9 @@ def select(feats: Features, spec: Spec) -> tuple[jax.Array, ...]:
   return tuple(out)
 
 
-def selected_features(model: SSVP, clip_images, dino_images, spec: Spec) -> tuple[jax.Array, ...]:
+def selected_features(model: SSVP, semantic_images, structural_images, spec: Spec) -> tuple[jax.Array, ...]:
   """The backbones, then `select`; jit with `functional.Bound(selected_features, model)(ci, di, spec=)`."""
-  return select(model.features(clip_images, dino_images), spec)
+  return select(model.features(semantic_images, structural_images), spec)
 
 
 def normalize(x: jax.Array) -> jax.Array:
@@ -261,7 +263,7 @@ def bank_outputs(bank: Bank, query_layers: Sequence[jax.Array], spec: Spec, size
   return squash(amap), squash(top_mean(z, spec.top_percent))
 
 
-def step(model: SSVP, clip_images, dino_images, t_init, banks: tuple[Bank, ...], owner=None, *, spec: Spec,
+def step(model: SSVP, semantic_images, structural_images, t_init, banks: tuple[Bank, ...], owner=None, *, spec: Spec,
          size: int, sigma: float, return_features: bool = False):
   """One forward for everything a few-shot evaluation needs; jit with `functional.Bound(step, model)`.
 
@@ -271,7 +273,7 @@ def step(model: SSVP, clip_images, dino_images, t_init, banks: tuple[Bank, ...],
   `bank_outputs`.
   """
   from ssvp_jax.evaluate import head_outputs
-  feats = model.features(clip_images, dino_images)
+  feats = model.features(semantic_images, structural_images)
   query = select(feats, spec)
   zero_shot = None if t_init is None else head_outputs(model, feats, t_init, size, sigma)
   per_bank = tuple(bank_outputs(bank, query, spec, size, sigma, owner) for bank in banks)
@@ -337,7 +339,6 @@ def fingerprint(model: SSVP, config: ml_collections.ConfigDict) -> str:
   """What a bank's numbers depend on besides its images: the backbone weights (by value), their
   architectures, taps, resolutions and compute dtype (the feature cache's key), and the bank's spec."""
   from ssvp_jax import cache
-  from ssvp_jax.trainer import views
   desc = cache.key_description(model, config, views(config), mask_size=0, dtype="float32")
   desc["reference"] = spec(config)._asdict()
   return cache.fingerprint(desc)

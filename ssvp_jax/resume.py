@@ -26,7 +26,7 @@ from typing import Any
 
 import ml_collections
 
-from ssvp_jax import fileio
+from ssvp_jax import config_upgrade, fileio
 from ssvp_jax.errors import UserError
 
 log = logging.getLogger("ssvp_jax")
@@ -88,10 +88,11 @@ def stored_config(workdir: str) -> dict | None:
     return None
   try:
     with open(path) as f:
-      return json.load(f)
+      stored = json.load(f)
   except ValueError as e:
     raise UserError(f"{path}: not valid JSON ({e}); restore it from the last line with a \"config\" in "
                     f"{HISTORY_FILE}, or start a new work directory") from None
+  return config_upgrade.upgrade(stored, path)
 
 
 def check(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:

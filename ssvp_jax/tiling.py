@@ -76,11 +76,11 @@ def score_image(engine: inference.Engine, image: np.ndarray, tile: int, overlap:
   sc, sd = (v.size for v in engine.views)
   for i in range(0, len(boxes), batch_size):
     chunk = boxes[i:i + batch_size]
-    clip = np.zeros((batch_size, sc, sc, 3), np.float32)  # padded to one compiled shape
-    dino = np.zeros((batch_size, sd, sd, 3), np.float32)
+    semantic = np.zeros((batch_size, sc, sc, 3), np.float32)  # padded to one compiled shape
+    structural = np.zeros((batch_size, sd, sd, 3), np.float32)
     for row, (y, x) in enumerate(chunk):
-      clip[row], dino[row] = engine.preprocess(image[y:y + t, x:x + t])
-    res = engine.forward(clip, dino)
+      semantic[row], structural[row] = engine.preprocess(image[y:y + t, x:x + t])
+    res = engine.forward(semantic, structural)
     for row, (y, x) in enumerate(chunk):
       m = inference.resize_hw(res["map"][row], t, t, Image.Resampling.BILINEAR)
       acc[y:y + t, x:x + t] += m * weight
@@ -89,7 +89,7 @@ def score_image(engine: inference.Engine, image: np.ndarray, tile: int, overlap:
       if "bank_score" in res:
         bank_score = max(bank_score, float(res["bank_score"][row]))
   amap = acc / total
-  gamma = float(engine.config.model.gamma)
+  gamma = float(engine.config.vtam.gamma)
   s_local = float(amap.max())
   return {"map": amap, "s_global": s_global, "s_local": s_local,
           "score": (1.0 - gamma) * s_global + gamma * s_local, "tiles": len(boxes),

@@ -2,7 +2,8 @@
 
     python -m ssvp_jax.train --config=configs/demo.py --workdir=runs/demo
     python -m ssvp_jax.train --config=configs/mvtec.py --workdir=runs/mvtec \
-        --config.clip.bundle=weights/clip-l14-336 --config.dino.bundle=weights/dinov3-l16 \
+        --config.backbones.semantic.bundle=weights/clip-l14-336 \
+        --config.backbones.structural.bundle=weights/dinov3-l16 \
         --config.train_data.root=/data/mvtec --config.eval_data.visa.root=/data/visa
 
 Re-running the same command after an interruption resumes from the latest checkpoint.

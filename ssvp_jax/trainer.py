@@ -26,17 +26,11 @@ from ssvp_jax import (cache, checkpoint, decisions, distributed, evaluate, filei
                       resume, sharding, validate)
 from ssvp_jax.build import build_model
 from ssvp_jax.data import datasets, synth
-from ssvp_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, View
+from ssvp_jax.data.pipeline import views
 from ssvp_jax.models.prompts import make_templates
 from ssvp_jax.models.ssvp import FROZEN, SSVP, TRAINABLE
 
 log = logging.getLogger("ssvp_jax")
-
-
-def views(config: ml_collections.ConfigDict) -> tuple[View, View]:
-  """The two inputs one image becomes: CLIP's (OpenAI mean/std) and DINOv3's (ImageNet mean/std)."""
-  return (View("clip", config.clip.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
-          View("dino", config.dino.image_size, IMAGENET_MEAN, IMAGENET_STD))
 
 
 def prepare_demo_data(ds: ml_collections.ConfigDict, root: str) -> None:
@@ -97,7 +91,7 @@ def loss_fn(model: SSVP, batch: dict, templates: tuple[jax.Array, jax.Array], ke
   train the image loss only.
   """
   # With the feature cache on, the batch brings the frozen features (ssvp_jax/cache.py).
-  feats = batch["features"] if "features" in batch else model.features(batch["clip"], batch["dino"])
+  feats = batch["features"] if "features" in batch else model.features(batch["semantic"], batch["structural"])
   t_init = model.prompt_table(templates)[batch["class_index"]]  # [B, P, E]
   out = model.heads(feats, t_init, rngs=nnx.Rngs(sample=key), deterministic=False)
   # Losses in float32 whatever the compute dtype (config.dtype, D21): bf16 logs lose too much near 0 and 1.
@@ -145,13 +139,13 @@ class TrainStep:
 
 
 def _feature_pass(model: SSVP, mesh, batch_size: int):
-  """(this process's clip rows, dino rows) -> their Features as NumPy: the backbones run once over the
+  """(this process's semantic rows, structural rows) -> their Features as NumPy: the backbones run once over the
   global batch that all processes' rows form (a collective call; the feature cache fills itself with it)."""
   run = functional.Bound(SSVP.features, model)
   rows = distributed.process_rows(batch_size)
 
-  def features(clip_images: np.ndarray, dino_images: np.ndarray):
-    out = run(*sharding.shard_batch((clip_images, dino_images), mesh, process_local=True))
+  def features(semantic_images: np.ndarray, structural_images: np.ndarray):
+    out = run(*sharding.shard_batch((semantic_images, structural_images), mesh, process_local=True))
     return jax.tree.map(lambda x: sharding.to_host(x)[rows], out)
 
   return features
@@ -239,8 +233,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changes: dict, stop_
   class_of_record = np.array([cat_index[r.category] for r in records], np.int32)
   # An anomalous image without a mask must not teach "no defect here" to L_seg (weight 0).
   mask_weight_of_record = np.array([float(r.mask_path is not None or r.label == 0) for r in records], np.float32)
-  templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.model.class_words,
-                             model.clip.config.text.context_length)
+  templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.class_words,
+                             model.semantic.context_length)
   tmpl = (jnp.asarray(templates.ids), jnp.asarray(templates.eot))
 
   bs = config.optim.batch_size

@@ -11,6 +11,7 @@ from flax import nnx
 from PIL import Image
 
 from ssvp_jax import cache, trainer
+from ssvp_jax.data import pipeline
 from ssvp_jax.build import build_model
 from ssvp_jax.data.records import Record
 from test_train import data_dir, flat, tiny_config, with_data  # noqa: F401  (data_dir is a fixture)
@@ -67,15 +68,15 @@ def _record(tmp_path, name="a.png", seed=0) -> Record:
 
 def _arrays(num_taps=2, seed=0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
-  out = {f"clip_local.{l}": rng.normal(size=(16, 36)).astype(np.float32) for l in range(num_taps)}
-  out.update({f"dino_local.{l}": rng.normal(size=(16, 32)).astype(np.float32) for l in range(num_taps)})
-  out.update(clip_global=rng.normal(size=(20,)).astype(np.float32), dino_global=rng.normal(size=(32,)).astype(np.float32))
+  out = {f"semantic_local.{l}": rng.normal(size=(16, 36)).astype(np.float32) for l in range(num_taps)}
+  out.update({f"structural_local.{l}": rng.normal(size=(16, 32)).astype(np.float32) for l in range(num_taps)})
+  out.update(semantic_global=rng.normal(size=(20,)).astype(np.float32), structural_global=rng.normal(size=(32,)).astype(np.float32))
   return out
 
 
 def _cache_for(model, config, root, dtype="float32"):
-  return cache.FeatureCache(root, cache.key_description(model, config, trainer.views(config), 28, dtype),
-                            len(model.clip_layers))
+  return cache.FeatureCache(root, cache.key_description(model, config, pipeline.views(config), 28, dtype),
+                            len(model.semantic_layers))
 
 
 def test_changed_image_weights_or_settings_change_the_key(tmp_path):
@@ -101,27 +102,27 @@ def test_changed_image_weights_or_settings_change_the_key(tmp_path):
 
   # Changed backbone weights (one element of DINOv3) give a new fingerprint folder.
   fc.store(rec, arrays, np.zeros((28, 28)))
-  var = next(v for _, v in nnx.to_flat_state(nnx.state(model.dino, nnx.Param)))
+  var = next(v for _, v in nnx.to_flat_state(nnx.state(model.structural, nnx.Param)))
   var[...] = var[...].at[(0,) * var[...].ndim].add(1e-3)
   fc2 = _cache_for(model, c, str(tmp_path / "fc"))
   assert fc2.fingerprint != fc.fingerprint and fc2.load(rec) is None
   assert fc.load(rec) is not None  # the old entry is untouched
 
   # Resolution, taps, local-token mode and storage dtype are part of the key as well.
-  base = cache.fingerprint(cache.key_description(model, c, trainer.views(c), 28, "float32"))
-  for section, name, value in (("clip", "image_size", 56), ("dino", "layers", (2, 2)),
-                               ("clip", "local_tokens", "value_value")):
-    other = tiny_config(**{f"{section}.{name}": value})
-    assert cache.fingerprint(cache.key_description(model, other, trainer.views(other), 28, "float32")) != base
-  assert cache.fingerprint(cache.key_description(model, c, trainer.views(c), 28, "float16")) != base
+  base = cache.fingerprint(cache.key_description(model, c, pipeline.views(c), 28, "float32"))
+  for section, name, value in (("semantic", "image_size", 56), ("structural", "layers", (2, 2)),
+                               ("semantic", "local_tokens", "value_value")):
+    other = tiny_config(**{f"backbones.{section}.{name}": value})
+    assert cache.fingerprint(cache.key_description(model, other, pipeline.views(other), 28, "float32")) != base
+  assert cache.fingerprint(cache.key_description(model, c, pipeline.views(c), 28, "float16")) != base
   if "dtype" in c:  # bfloat16 compute of the backbones (config.dtype) changes the features too
     c.dtype = "bfloat16"
-    assert cache.fingerprint(cache.key_description(model, c, trainer.views(c), 28, "float32")) != base
+    assert cache.fingerprint(cache.key_description(model, c, pipeline.views(c), 28, "float32")) != base
     c.dtype = "float32"
   # ... but not the bundle folder's name: weights are hashed by value.
-  moved = tiny_config(**{"clip.bundle": ""})
-  moved.dino.bundle = "/elsewhere"
-  assert cache.fingerprint(cache.key_description(model, moved, trainer.views(moved), 28, "float32")) == base
+  moved = tiny_config(**{"backbones.semantic.bundle": ""})
+  moved.backbones.structural.bundle = "/elsewhere"
+  assert cache.fingerprint(cache.key_description(model, moved, pipeline.views(moved), 28, "float32")) == base
 
 
 @pytest.mark.parametrize("dtype,rel", [("float16", 2.0 ** -11), ("bfloat16", 2.0 ** -8)])
@@ -138,11 +139,11 @@ def test_16bit_storage_rounds_once(tmp_path, dtype, rel):
     np.testing.assert_allclose(got[k], v, rtol=rel, atol=1e-6, err_msg=k)
     assert not np.array_equal(got[k], v)  # really stored in 16 bits
   # What training uses in epoch 1 (`round_trip`) is bit-identical to what later epochs read.
-  feats = cache.Features(tuple(arrays[f"clip_local.{l}"][None] for l in range(2)), arrays["clip_global"][None],
-                         tuple(arrays[f"dino_local.{l}"][None] for l in range(2)), arrays["dino_global"][None])
+  feats = cache.Features(tuple(arrays[f"semantic_local.{l}"][None] for l in range(2)), arrays["semantic_global"][None],
+                         tuple(arrays[f"structural_local.{l}"][None] for l in range(2)), arrays["structural_global"][None])
   rt = cache.round_trip(feats, dtype)
-  np.testing.assert_array_equal(rt.clip_local[1][0], got["clip_local.1"])
-  np.testing.assert_array_equal(rt.dino_global[0], got["dino_global"])
+  np.testing.assert_array_equal(rt.semantic_local[1][0], got["semantic_local.1"])
+  np.testing.assert_array_equal(rt.structural_global[0], got["structural_global"])
 
 
 def test_bad_entries_and_settings_are_clear_errors(tmp_path, caplog):
@@ -157,11 +158,11 @@ def test_bad_entries_and_settings_are_clear_errors(tmp_path, caplog):
   fc3.store(rec, _arrays(num_taps=2), np.zeros((4, 4)))
   assert fc3.load(rec) is None and "expected" in caplog.text
   fp16 = cache.FeatureCache(str(tmp_path / "fp16"), {"dtype": "float16", "mask_size": 4}, num_taps=2)
-  huge = {**_arrays(), "clip_global": np.full((20,), 1e6, np.float32)}  # past float16's 65504
+  huge = {**_arrays(), "semantic_global": np.full((20,), 1e6, np.float32)}  # past float16's 65504
   with pytest.raises(cache.CacheError, match="overflow float16.*bfloat16"):
     fp16.store(rec, huge, np.zeros((4, 4)))
-  one = cache.Features((huge["clip_local.0"][None],) * 2, huge["clip_global"][None],
-                       (huge["dino_local.0"][None],) * 2, huge["dino_global"][None])
+  one = cache.Features((huge["semantic_local.0"][None],) * 2, huge["semantic_global"][None],
+                       (huge["structural_local.0"][None],) * 2, huge["structural_global"][None])
   with pytest.raises(cache.CacheError, match="overflow float16"):
     cache.round_trip(one, "float16")
   with pytest.raises(ValueError, match="config.cache.dtype='int8'"):
@@ -174,7 +175,7 @@ def _writer(root: str, image_path: str, seed: int, repeats: int) -> None:
   fc = cache.FeatureCache(root, {"dtype": "float32", "mask_size": 4}, num_taps=2)
   rec = Record(image_path, None, "brick", "good", 0, "test")
   big = _arrays(seed=0)
-  big["clip_local.0"] = np.full((4096, 64), float(seed), np.float32)  # 1 MB: writes take a while
+  big["semantic_local.0"] = np.full((4096, 64), float(seed), np.float32)  # 1 MB: writes take a while
   for _ in range(repeats):
     fc.store(rec, big, np.zeros((4, 4)))
 
@@ -191,13 +192,13 @@ def test_two_processes_writing_one_entry_never_tear_it(tmp_path):
   while any(p.is_alive() for p in procs):
     got = fc.load(rec)  # raises CacheError on a torn file
     if got is not None:
-      values = np.unique(got[0]["clip_local.0"])
+      values = np.unique(got[0]["semantic_local.0"])
       assert len(values) == 1, values  # one writer's whole array, never a mix
       seen.add(float(values[0]))
   for p in procs:
     p.join()
     assert p.exitcode == 0
-  final = np.unique(fc.load(rec)[0]["clip_local.0"])
+  final = np.unique(fc.load(rec)[0]["semantic_local.0"])
   assert len(final) == 1 and final[0] in (1.0, 2.0)
   leftovers = [f for _, _, fs in os.walk(root) for f in fs if ".tmp-" in f]
   assert not leftovers, leftovers

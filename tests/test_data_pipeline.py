@@ -6,6 +6,8 @@ from PIL import Image
 
 from ssvp_jax.data import pipeline
 from ssvp_jax.data.records import Record
+from ssvp_jax.models.backbone import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from test_train import load_config
 
 RGB = (200, 100, 50)
 
@@ -91,17 +93,29 @@ def test_resize_and_normalise():
   step[:, 8:] = 1.0
   up = pipeline.resize_image(step, 40)
   assert up.min() >= 0 and up.max() <= 1  # bicubic overshoot is clipped
-  mean = np.broadcast_to(np.array(pipeline.OPENAI_CLIP_MEAN, np.float32), (2, 2, 3))
-  np.testing.assert_allclose(pipeline.normalize(mean, pipeline.OPENAI_CLIP_MEAN, pipeline.OPENAI_CLIP_STD), 0,
+  mean = np.broadcast_to(np.array(OPENAI_CLIP_MEAN, np.float32), (2, 2, 3))
+  np.testing.assert_allclose(pipeline.normalize(mean, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), 0,
                              atol=1e-6)
-  ones = pipeline.normalize(np.ones((1, 1, 3), np.float32), pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD)
-  np.testing.assert_allclose(ones[0, 0], (1 - np.array(pipeline.IMAGENET_MEAN)) / np.array(pipeline.IMAGENET_STD),
+  ones = pipeline.normalize(np.ones((1, 1, 3), np.float32), IMAGENET_MEAN, IMAGENET_STD)
+  np.testing.assert_allclose(ones[0, 0], (1 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD),
                              rtol=1e-6)
-  assert (pipeline.CLIP_VIEW.size, pipeline.DINO_VIEW.size) == (518, 592)
 
 
-VIEWS = (pipeline.View("clip", 14, pipeline.OPENAI_CLIP_MEAN, pipeline.OPENAI_CLIP_STD),
-         pipeline.View("dino", 16, pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD))
+def test_views_follow_the_configured_backbones():
+  c = load_config("mvtec")
+  sem, struct = pipeline.views(c)
+  assert (sem.name, sem.size, sem.mean, sem.std) == ("semantic", 518, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+  assert (struct.name, struct.size, struct.mean, struct.std) == ("structural", 592, IMAGENET_MEAN, IMAGENET_STD)
+  c.backbones.structural.update(name="dinov2", image_size=518)
+  v = pipeline.views(c)[1]
+  assert (v.size, v.mean, v.std) == (518, IMAGENET_MEAN, IMAGENET_STD)
+  c.backbones.structural.name = "clip"
+  with pytest.raises(ValueError, match="config.backbones.structural.name='clip' is not a structural backbone"):
+    pipeline.views(c)
+
+
+VIEWS = (pipeline.View("semantic", 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+         pipeline.View("structural", 16, IMAGENET_MEAN, IMAGENET_STD))
 
 
 @pytest.fixture
@@ -123,7 +137,7 @@ def test_batch_shapes_dtypes_and_content(records):
   batches = list(pipeline.iterate_batches(records, VIEWS, batch_size=4, mask_size=12, num_threads=2))
   b = batches[0]
   assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
-      "clip": ((4, 14, 14, 3), np.float32), "dino": ((4, 16, 16, 3), np.float32),
+      "semantic": ((4, 14, 14, 3), np.float32), "structural": ((4, 16, 16, 3), np.float32),
       "mask": ((4, 12, 12), np.float32), "label": ((4,), np.int32), "index": ((4,), np.int32),
       "valid": ((4,), np.bool_), "has_mask": ((4,), np.bool_)}
   assert b["index"].tolist() == [0, 1, 2, 3] and b["label"].tolist() == [0, 1, 0, 1]
@@ -131,9 +145,9 @@ def test_batch_shapes_dtypes_and_content(records):
   assert b["mask"][0].sum() == 0 and b["mask"][1].sum() > 0
   # Red channel of image 3 is 90/255, normalised with each view's own statistics.
   red = 90 / 255
-  np.testing.assert_allclose(b["clip"][3, 0, 0, 0], (red - pipeline.OPENAI_CLIP_MEAN[0]) / pipeline.OPENAI_CLIP_STD[0],
+  np.testing.assert_allclose(b["semantic"][3, 0, 0, 0], (red - OPENAI_CLIP_MEAN[0]) / OPENAI_CLIP_STD[0],
                              atol=1e-5)
-  np.testing.assert_allclose(b["dino"][3, 0, 0, 0], (red - pipeline.IMAGENET_MEAN[0]) / pipeline.IMAGENET_STD[0],
+  np.testing.assert_allclose(b["structural"][3, 0, 0, 0], (red - IMAGENET_MEAN[0]) / IMAGENET_STD[0],
                              atol=1e-5)
   assert batches[1]["has_mask"].tolist() == [True, True, True, False]
 
@@ -161,7 +175,7 @@ def test_last_partial_batch(records):
   assert sizes() == [3, 3, 1]  # evaluation without padding: a smaller last batch
   assert sizes(drop_remainder=True) == [3, 3]  # training
   padded = list(pipeline.iterate_batches(recs, VIEWS, batch_size=3, pad_remainder=True))
-  assert [b["clip"].shape[0] for b in padded] == [3, 3, 3]
+  assert [b["semantic"].shape[0] for b in padded] == [3, 3, 3]
   assert padded[-1]["index"].tolist() == [6, -1, -1] and padded[-1]["valid"].tolist() == [True, False, False]
   kept = [i for b in padded for i, v in zip(b["index"].tolist(), b["valid"].tolist()) if v]
   assert kept == list(range(7)) and pipeline.num_batches(7, 3) == 3 and pipeline.num_batches(7, 3, True) == 2

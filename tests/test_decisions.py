@@ -13,7 +13,7 @@ def test_paper_configs_state_protocol_words_and_every_decision(caplog):
     assert c.print_decisions and c.train_data.protocol == "bayes_pfl"
     s = decisions.summary(c)
     assert list(s["decisions"]) == [f"D{i}" for i in range(1, 23)]
-  c = load_config("visa", **{"model.learn_tau": False})  # overrides show in the block
+  c = load_config("visa", **{"vtam.learn_tau": False})  # overrides show in the block
   with caplog.at_level(logging.INFO, logger="ssvp_jax"):
     decisions.announce(c)
   s = c.decisions.to_dict()

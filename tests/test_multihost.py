@@ -163,24 +163,25 @@ def test_initialize_needs_complete_arguments(monkeypatch):
 def test_process_batches_rebuild_the_global_batch(monkeypatch, tmp_path):
   """Both processes' rows, stacked, are exactly the one-process batches (same shuffle, same grouping)."""
   from ssvp_jax import distributed, trainer
+  from ssvp_jax.data import pipeline
 
   data = str(tmp_path / "data")
   c = _config(data)
   trainer.prepare_demo_data(c.train_data, c.train_data.root)
   records = trainer.read_split(c.train_data, str(tmp_path), "train_data")
   kw = dict(batch_size=4, seed=3, epoch=1, num_threads=0)
-  one = list(distributed.train_batches(records, trainer.views(c), **kw))
+  one = list(distributed.train_batches(records, pipeline.views(c), **kw))
   monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
   parts = []
   for pid in range(2):
     monkeypatch.setattr(distributed.jax, "process_index", lambda pid=pid: pid)
-    parts.append(list(distributed.train_batches(records, trainer.views(c), **kw)))
+    parts.append(list(distributed.train_batches(records, pipeline.views(c), **kw)))
   assert len(one) == len(parts[0]) == len(parts[1]) == 4
   for whole, p0, p1 in zip(one, *parts):
     np.testing.assert_array_equal(np.concatenate([p0["index"], p1["index"]]), whole["index"])
-    np.testing.assert_array_equal(np.concatenate([p0["clip"], p1["clip"]]), whole["clip"])
+    np.testing.assert_array_equal(np.concatenate([p0["semantic"], p1["semantic"]]), whole["semantic"])
   with pytest.raises(ValueError, match="multiple of 2"):
-    next(distributed.train_batches(records, trainer.views(c), **{**kw, "batch_size": 5}))
+    next(distributed.train_batches(records, pipeline.views(c), **{**kw, "batch_size": 5}))
 
 
 if __name__ == "__main__":

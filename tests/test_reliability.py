@@ -206,7 +206,7 @@ def test_damaged_cache_entries_are_recomputed_and_rewritten(tmp_path, caplog):
     f.seek(len(good) - 64)
     f.write(bytes(b ^ 0xFF for b in good[-64:]))
   tensors = cache.st_load(open(nan, "rb").read())
-  tensors["clip_global"][:] = np.nan  # non-finite, with a valid checksum
+  tensors["semantic_global"][:] = np.nan  # non-finite, with a valid checksum
   header = json.loads(open(nan, "rb").read()[8:8 + int.from_bytes(open(nan, "rb").read()[:8], "little")])
   meta = dict(header["__metadata__"], checksum=cache.checksum(tensors))
   open(nan, "wb").write(cache.st_save(tensors, metadata=meta))
@@ -232,7 +232,7 @@ def test_resume_policy(tmp_path, caplog):
   trainer.train(tiny_config(), workdir, stop_after_step=3)  # checkpoint at step 2, step 3 logged
   config_json = open(os.path.join(workdir, "config.json")).read()
   refused = [({"optim.batch_size": 2}, ["optim.batch_size"]),
-             ({"model.latent_dim": 8, "model.fusion": "concat"}, ["model.fusion", "model.latent_dim"]),
+             ({"vcpg.latent_dim": 8, "hsvs.fusion": "concat"}, ["hsvs.fusion", "vcpg.latent_dim"]),
              ({"optim.lr": 1e-3, "optim.epochs": 3}, ["optim.epochs", "optim.lr"])]
   for over, keys in refused:
     with pytest.raises(resume.ResumeError) as e:
@@ -242,7 +242,7 @@ def test_resume_policy(tmp_path, caplog):
     assert open(os.path.join(workdir, "config.json")).read() == config_json  # nothing written
   # Allowed shape changes still cannot restore: named, nothing moved aside.
   with pytest.raises(checkpoint.CheckpointError, match="other shapes"):
-    trainer.train(tiny_config(**{"model.latent_dim": 8, "resume.allow_changes": "model"}), workdir)
+    trainer.train(tiny_config(**{"vcpg.latent_dim": 8, "resume.allow_changes": "vcpg"}), workdir)
   assert not os.path.exists(os.path.join(workdir, checkpoint.BAD_DIR))
   # Harmless changes are accepted, logged and recorded; log.jsonl has each step once.
   c = tiny_config(**{"eval.sigma": 2.0})

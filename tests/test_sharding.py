@@ -162,10 +162,10 @@ def test_bfloat16_compute_keeps_float32_parameters():
            "dino": rng.normal(size=(b, 16, 16, 3)).astype(np.float32),
            "mask": (rng.random((b, 28, 28)) > 0.8).astype(np.float32), "label": np.array([0, 1, 0, 1], np.int32),
            "class_index": np.zeros(b, np.int32)}
-  feats = functional.Bound(SSVP.features, model)(batch["clip"], batch["dino"])
-  assert feats.clip_local[0].dtype == jnp.bfloat16 and feats.dino_global.dtype == jnp.bfloat16
+  feats = functional.Bound(SSVP.features, model)(batch["semantic"], batch["structural"])
+  assert feats.semantic_local[0].dtype == jnp.bfloat16 and feats.structural_global.dtype == jnp.bfloat16
   templates = trainer.make_templates(tok, ["brick"], model.prompts.n_learnable, "readable",
-                                     model.clip.config.text.context_length)
+                                     model.semantic.context_length)
   tmpl = (jnp.asarray(templates.ids), jnp.asarray(templates.eot))
   # D21: VTAM runs in float32 under bf16 (bf16 scores would be quantised to ~0.004 and tie in the AUROC).
   out = model.heads(feats, model.prompt_table(tmpl)[batch["class_index"]], deterministic=True)

@@ -15,12 +15,15 @@ def count(module, filt):
   return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(module, filt)))
 
 
-def abstract_model(clip_cfg, dino_cfg, layers=(6, 12, 18, 24), **model_overrides):
+def abstract_model(clip_cfg, dino_cfg, layers=(6, 12, 18, 24), **overrides):
+  """`overrides`: {"section.key": value} of the head sections."""
   c = load_config("mvtec")
-  c.model.update(model_overrides)
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  c.backbones.semantic.layers = c.backbones.structural.layers = layers
   return nnx.eval_shape(lambda: SSVP(
-      c.model, clip_lib.CLIP(clip_cfg, rngs=nnx.Rngs(0)), dinov3_lib.DINOv3(dino_cfg, rngs=nnx.Rngs(0)),
-      layers, layers, rngs=nnx.Rngs(0)))
+      clip_lib.CLIP(clip_cfg, rngs=nnx.Rngs(0)), dinov3_lib.DINOv3(dino_cfg, rngs=nnx.Rngs(0)), c, rngs=nnx.Rngs(0)))
 
 
 def test_full_size_construction_and_trainable_count():
@@ -42,8 +45,8 @@ def test_full_size_construction_and_trainable_count():
   assert trainable == 24_986_570
 
 
-@pytest.mark.parametrize("switch, part", [({"fusion": "concat"}, "hsvs"), ({"vcpg": False}, "vcpg"),
-                                          ({"gating": False}, "vtam")])
+@pytest.mark.parametrize("switch, part", [({"hsvs.fusion": "concat"}, "hsvs"), ({"vcpg.enabled": False}, "vcpg"),
+                                          ({"vtam.gating": False}, "vtam")])
 def test_ablation_switches_shrink_their_part(switch, part):
   # Small backbones: the switches act on the heads only.
   clip_cfg = clip_lib.CLIPConfig(
@@ -62,12 +65,13 @@ def test_features_are_frozen_and_grids_must_agree():
   c = load_config("tiny")
   from ssvp_jax.build import build_model
   model, _ = build_model(c)
-  clip_x = jnp.ones((2, c.clip.image_size, c.clip.image_size, 3))
-  dino_x = jnp.ones((2, c.dino.image_size, c.dino.image_size, 3))
+  sem, struct = c.backbones.semantic.image_size, c.backbones.structural.image_size
+  clip_x = jnp.ones((2, sem, sem, 3))
+  dino_x = jnp.ones((2, struct, struct, 3))
   feats = model.features(clip_x, dino_x)
-  assert [f.shape for f in feats.clip_local] == [(2, 16, 36)] * 2
-  assert [f.shape for f in feats.dino_local] == [(2, 16, 32)] * 2
-  assert feats.clip_global.shape == (2, 20) and feats.dino_global.shape == (2, 32)
+  assert [f.shape for f in feats.semantic_local] == [(2, 16, 36)] * 2
+  assert [f.shape for f in feats.structural_local] == [(2, 16, 32)] * 2
+  assert feats.semantic_global.shape == (2, 20) and feats.structural_global.shape == (2, 32)
   grads = nnx.grad(lambda m: sum(jnp.sum(f) for f in jax.tree.leaves(m.features(clip_x, dino_x))))(model)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(nnx.state(grads, nnx.Param)))
   with pytest.raises(ValueError, match="same grid"):

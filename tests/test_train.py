@@ -16,14 +16,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, **overrides):
-  """`configs/<name>.py`'s get_config() with {"section.field": value} overrides (the tests' one loader)."""
+  """`configs/<name>.py`'s get_config() with {"dotted.key": value} overrides (the tests' one loader)."""
   spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(ROOT, "configs", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
   for key, value in overrides.items():
-    section, field = key.split(".")
-    c[section][field] = value
+    *sections, field = key.split(".")
+    target = c
+    for s in sections:
+      target = target[s]
+    target[field] = value
   return c
 
 
@@ -109,7 +112,7 @@ def test_nan_loss_stops_with_the_step(tmp_path, data_dir):
 
 
 def test_missing_weights_and_roots_are_clear_errors(tmp_path):
-  c = tiny_config(**{"clip.random_init": ""})
+  c = tiny_config(**{"backbones.semantic.random_init": ""})
   with pytest.raises(ValueError, match="convert/clip.py"):
     build_model(c)
   c = tiny_config()

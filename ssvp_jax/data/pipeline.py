@@ -1,9 +1,10 @@
 """Input pipeline: decode, resize, normalise and batch images for both backbones.
 
-One decoded image feeds every "view" (CLIP at 518 px with OpenAI's mean/std, DINOv3 at
-592 px with ImageNet's), so a batch looks like
+One decoded image feeds every "view" (`views(config)`: one per backbone role, at the configured
+size with the backbone's mean/std; e.g. CLIP at 518 px with OpenAI's, DINOv3 at 592 px with
+ImageNet's), so a batch looks like
 
-    {"clip": [B, 518, 518, 3] float32, "dino": [B, 592, 592, 3] float32,
+    {"semantic": [B, 518, 518, 3] float32, "structural": [B, 592, 592, 3] float32,
      "mask": [B, S, S] float32 0/1, "label": [B] int32, "index": [B] int32,
      "valid": [B] bool, "has_mask": [B] bool}
 
@@ -30,12 +31,7 @@ from PIL import Image, ImageOps
 
 from ssvp_jax.data.common import LOSSY_EXTS, DatasetError
 from ssvp_jax.data.records import Record
-
-# OpenAI CLIP's normalisation (clip/clip.py `_transform`) and torchvision's ImageNet one (DINOv3).
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ssvp_jax.models.backbone import ROLES
 
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -64,9 +60,16 @@ class View:
   std: tuple[float, float, float]
 
 
-CLIP_VIEW = View("clip", 518, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-DINO_VIEW = View("dino", 592, IMAGENET_MEAN, IMAGENET_STD)
-DEFAULT_VIEWS = (CLIP_VIEW, DINO_VIEW)
+def views(config) -> tuple[View, ...]:
+  """The inputs one image becomes, in ROLES order (semantic, structural): each backbone role's
+  `config.backbones.<role>.image_size` with that backbone's MEAN/STD; view names are the roles."""
+  from ssvp_jax.models import registry  # imports JAX, which grain's workers (importing this module) skip
+  out = []
+  for role in ROLES:
+    section = config.backbones[role]
+    cls = registry.lookup(role, section.name).cls
+    out.append(View(role, int(section.image_size), tuple(cls.MEAN), tuple(cls.STD)))
+  return tuple(out)
 
 
 def _open(path: str, upright: bool = False) -> Image.Image:
@@ -225,7 +228,7 @@ def _mark_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def make_dataset(records: Sequence[Record], views: Sequence[View] = DEFAULT_VIEWS, *, batch_size: int,
+def make_dataset(records: Sequence[Record], views: Sequence[View], *, batch_size: int,
                  mask_size: int | None = None, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                  drop_remainder: bool = False, pad_remainder: bool = False, num_threads: int = 4,
                  num_processes: int = 0, prefetch: int = 16) -> grain.IterDataset:
@@ -269,7 +272,7 @@ def make_dataset(records: Sequence[Record], views: Sequence[View] = DEFAULT_VIEW
   return it.batch(batch_size, drop_remainder=drop_remainder)
 
 
-def iterate_batches(records: Sequence[Record], views: Sequence[View] = DEFAULT_VIEWS, **kwargs) -> Iterator[dict]:
+def iterate_batches(records: Sequence[Record], views: Sequence[View], **kwargs) -> Iterator[dict]:
   """Yields the batches of `make_dataset(records, views, **kwargs)` and frees its workers at the end."""
   it = iter(make_dataset(records, views, **kwargs))
   try:

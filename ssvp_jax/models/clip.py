@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx, struct
 
 from ssvp_jax.models import attention, bundle, dense
+from ssvp_jax.models.backbone import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Encoded
 from ssvp_jax.models.resize import METHODS, resize_pos_table
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -118,6 +119,33 @@ def tiny(vocab_size: int = BYTE_VOCAB_SIZE) -> CLIPConfig:
       vision=VisionConfig(image_size=28, patch_size=7, width=60, layers=4, heads=3, mlp_dim=132),
       text=TextConfig(vocab_size=vocab_size, context_length=16, width=36, layers=3, heads=3, mlp_dim=76),
       projection_dim=20)
+
+
+def _random_preset(text_width: int, context_length: int, text_layers: int, text_heads: int, text_mlp: int,
+                   projection_dim: int, **vision) -> CLIPConfig:
+  return CLIPConfig(
+      vision=VisionConfig(**vision),
+      text=TextConfig(vocab_size=BYTE_VOCAB_SIZE, context_length=context_length, width=text_width,
+                      layers=text_layers, heads=text_heads, mlp_dim=text_mlp),
+      projection_dim=projection_dim)
+
+
+_DEMO_TEXT = dict(text_width=64, context_length=32, text_layers=2, text_heads=4, text_mlp=160, projection_dim=64)
+
+# Random-weight presets (`config.backbones.semantic.random_init`) for runs without downloaded weights,
+# with the byte-level tokenizer; each structural backbone has presets of the same names and token grid.
+PRESETS = {
+    # configs/tiny.py: patch 7 at 28 px, 4 x 4 tokens.
+    "tiny": lambda: _random_preset(24, 24, 1, 2, 40, 20, image_size=28, patch_size=7, width=36, layers=2, heads=3,
+                                   mlp_dim=52),
+    # configs/demo.py: four 96-wide blocks, patch 8 at 112 px (14 x 14 tokens); the heads cost more.
+    "small": lambda: _random_preset(**_DEMO_TEXT, image_size=112, patch_size=8, width=96, layers=4, heads=4,
+                                    mlp_dim=256),
+    # configs/demo_vitb.py: ViT-B/16's vision shape, where the frozen backbones cost far more than the
+    # heads (as at full size), so the feature cache pays.
+    "demo": lambda: _random_preset(**_DEMO_TEXT, image_size=224, patch_size=16, width=768, layers=12, heads=12,
+                                   mlp_dim=3072),
+}
 
 
 # ----------------------------------------------------------------------------- layers
@@ -277,11 +305,26 @@ class TextTower(nnx.Module):
     return self.ln_final(eot) @ self.proj[...].astype(self.dtype)
 
 
-class CLIP(nnx.Module):
-  """OpenAI CLIP: `encode_image`, `encode_text`, `encode_text_embeds`."""
+LOCAL_TOKENS = ("raw", "value_value")
 
-  def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+
+class CLIP(nnx.Module):
+  """OpenAI CLIP: `encode_image`, `encode_text`, `encode_text_embeds`; SSVP's semantic backbone
+  (`encode`, ssvp_jax/models/backbone.py).
+
+  local_tokens (D3): what `encode` returns as patch tokens: "raw" the residual stream of each tap
+  (SSVP maps it into the joint space with a learned layer), "value_value" AnomalyCLIP's v-v path
+  from the first tap on, through ln_post @ proj (already in the joint space).
+  """
+
+  MEAN, STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+  def __init__(self, config: CLIPConfig, *, local_tokens: str = "raw", dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if local_tokens not in LOCAL_TOKENS:
+      raise ValueError(f"local_tokens must be one of {LOCAL_TOKENS}, got {local_tokens!r}")
     self.config = config
+    self.local_tokens = local_tokens
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vision = VisionTower(config.vision, config.projection_dim, **kw)
     self.text = TextTower(config.text, config.projection_dim, **kw)
@@ -296,6 +339,40 @@ class CLIP(nnx.Module):
       project_tokens: also return each tap through ln_post @ proj.
     """
     return self.vision(images, layers, value_value_layers, project_tokens)
+
+  # -------------------------------------------------------------- the backbone interface
+
+  @property
+  def patch_size(self) -> int:
+    return self.config.vision.patch_size
+
+  @property
+  def local_in_joint_space(self) -> bool:
+    return self.local_tokens == "value_value"
+
+  @property
+  def local_dim(self) -> int:
+    return self.config.projection_dim if self.local_in_joint_space else self.config.vision.width
+
+  @property
+  def global_dim(self) -> int:
+    return self.config.projection_dim
+
+  @property
+  def text_width(self) -> int:
+    return self.config.text.width
+
+  @property
+  def context_length(self) -> int:
+    return self.config.text.context_length
+
+  def encode(self, images: jax.Array, layers: Sequence[int]) -> Encoded:
+    """Patch tokens of the taps (`local_tokens`) and the image embedding ln_post(CLS) @ proj."""
+    layers = tuple(layers)
+    vv = tuple(range(min(layers), max(layers) + 1)) if self.local_in_joint_space else ()
+    out = self.encode_image(images, layers, value_value_layers=vv, project_tokens=bool(vv))
+    taps = out.projected if vv else out.hidden_states
+    return Encoded(local=tuple(t[:, 1:] for t in taps), global_=out.image_embeds)
 
   @property
   def token_embedding(self) -> nnx.Embed:
@@ -324,7 +401,7 @@ def _read_config(bundle_dir: str) -> CLIPConfig:
     return CLIPConfig.from_dict(json.load(f)["config"])
 
 
-def load(bundle_dir: str, *, pos_interpolation: str | None = None, dtype=jnp.float32,
+def load(bundle_dir: str, *, pos_interpolation: str | None = None, local_tokens: str = "raw", dtype=jnp.float32,
          param_dtype=jnp.float32) -> CLIP:
   """Builds CLIP from a bundle written by convert/clip.py; every key and shape checked.
 
@@ -334,15 +411,31 @@ def load(bundle_dir: str, *, pos_interpolation: str | None = None, dtype=jnp.flo
   cfg = CLIPConfig.from_dict(cfg_dict)
   if pos_interpolation is not None:
     cfg = cfg.replace(pos_interpolation=pos_interpolation)
-  model = empty(cfg, dtype=dtype, param_dtype=param_dtype)
+  model = empty(cfg, local_tokens=local_tokens, dtype=dtype, param_dtype=param_dtype)
   bundle.assign_params(model, flat, source=os.path.join(bundle_dir, bundle.WEIGHTS_FILE))
   return model
 
 
-def empty(config: CLIPConfig, *, dtype=jnp.float32, param_dtype=jnp.float32) -> CLIP:
+def empty(config: CLIPConfig, *, local_tokens: str = "raw", dtype=jnp.float32, param_dtype=jnp.float32) -> CLIP:
   """A CLIP whose parameters are zeros, built without running the random initialisers
   (slow to compile, and pointless for ViT-L's 428M weights about to be overwritten)."""
-  return bundle.zeros_module(lambda: CLIP(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  return bundle.zeros_module(lambda: CLIP(config, local_tokens=local_tokens, dtype=dtype, param_dtype=param_dtype,
+                                          rngs=nnx.Rngs(0)))
+
+
+def build(section, *, dtype, rngs: nnx.Rngs) -> CLIP:
+  """The registry's entry (ssvp_jax/models/registry.py): from `section.bundle`, or the preset
+  `section.random_init`; `section.pos_interpolation` and `section.local_tokens` apply to both."""
+  if section.bundle:
+    return load(section.bundle, pos_interpolation=section.pos_interpolation, local_tokens=section.local_tokens,
+                dtype=dtype)
+  cfg = PRESETS[section.random_init]().replace(pos_interpolation=section.pos_interpolation)
+  return CLIP(cfg, local_tokens=section.local_tokens, dtype=dtype, rngs=rngs)
+
+
+def tokenizer(section):
+  """The bundle's BPE tokenizer, or the byte-level one of the random presets."""
+  return load_tokenizer(section.bundle) if section.bundle else byte_level_tokenizer()
 
 
 def load_tokenizer(bundle_dir: str):

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from ssvp_jax.models import attention, bundle, dense, resize
-from ssvp_jax.models.dinov3 import DINOv3Output, LayerScale, Mlp
+from ssvp_jax.models.dinov3 import DINOv3Output, LayerScale, Mlp, StructuralViT
 
 Array = jax.Array
 _ACTIVATIONS = ("gelu", "silu")
@@ -140,12 +140,15 @@ class DINOv2Config:
     return cls._released(1536, 40, 24, registers, giant=True)
 
 
-# Random-weight presets for runs without downloaded weights, named as build.PRESETS; each gives
-# the token grid of the CLIP preset of the same name at `image_size` (configs/tiny.py: 4 x 4,
-# configs/demo.py: 14 x 14), which is also the native grid of its position table.
+# Random-weight presets (`config.backbones.structural.random_init`), named as ssvp_jax.models.clip.PRESETS;
+# each gives the token grid of the CLIP preset of the same name at its own `image_size` (configs/tiny.py:
+# 4 x 4, configs/demo.py: 14 x 14; "demo" at 196 px for configs/demo_vitb.py's 14 x 14), which is also
+# the native grid of its position table.
 PRESETS = {
     "tiny": lambda: DINOv2Config(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=44, patch_size=4,
                                  image_size=16, num_register_tokens=1, pos_antialias=True),
+    "small": lambda: DINOv2Config(hidden_size=96, num_layers=4, num_heads=4, intermediate_size=256, patch_size=8,
+                                  image_size=112),
     "demo": lambda: DINOv2Config(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                                  patch_size=14, image_size=196),
 }
@@ -255,7 +258,7 @@ class Block(nnx.Module):
     return x + self.ls2(self.mlp(self.norm2(x)))
 
 
-class DINOv2(nnx.Module):
+class DINOv2(StructuralViT, nnx.Module):
   """DINOv2 ViT. `encode_image` is the entry point; `__call__` is the same."""
 
   def __init__(self, cfg: DINOv2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -334,3 +337,10 @@ def load(bundle_dir: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> DINO
   model = bundle.zeros_module(lambda: DINOv2(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   bundle.assign_params(model, flat, source=bundle_dir)
   return model
+
+
+def build(section, *, dtype, rngs: nnx.Rngs) -> DINOv2:
+  """The registry's entry (ssvp_jax/models/registry.py): `section.bundle` or the preset `section.random_init`."""
+  if section.bundle:
+    return load(section.bundle, dtype=dtype)
+  return DINOv2(PRESETS[section.random_init](), dtype=dtype, rngs=rngs)

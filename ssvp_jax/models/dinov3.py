@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx, struct
 
 from ssvp_jax.models import attention, bundle, dense
+from ssvp_jax.models.backbone import IMAGENET_MEAN, IMAGENET_STD, Encoded
 
 Array = jax.Array
 _ACTIVATIONS = ("gelu", "silu")
@@ -229,7 +230,45 @@ class Block(nnx.Module):
     return x + self.ls2(self.mlp(self.norm2(x)))
 
 
-class DINOv3(nnx.Module):
+class StructuralViT:
+  """SSVP's structural-backbone interface (ssvp_jax/models/backbone.py) for a DINO-style ViT with
+  `cfg.patch_size`, `cfg.hidden_size`, `encode_image` and `patch_tokens` (DINOv3, DINOv2)."""
+
+  MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
+
+  @property
+  def patch_size(self) -> int:
+    return self.cfg.patch_size
+
+  @property
+  def local_dim(self) -> int:
+    return self.cfg.hidden_size
+
+  global_dim = local_dim
+
+  def encode(self, images: Array, layers: Sequence[int]) -> Encoded:
+    """Each tap through the final norm without CLS and registers; the global feature is the CLS
+    token after the final norm."""
+    out = self.encode_image(images, layers=tuple(layers))
+    return Encoded(local=tuple(self.patch_tokens(h) for h in out.hidden_states),
+                   global_=out.last_hidden_state[:, 0])
+
+
+def _random(hidden: int, layers: int, heads: int, mlp: int, patch: int, registers: int) -> DINOv3Config:
+  return DINOv3Config(hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=mlp,
+                      patch_size=patch, num_register_tokens=registers)
+
+
+# Random-weight presets, named and gridded as ssvp_jax.models.clip.PRESETS (tiny: patch 4 at 16 px;
+# small: patch 8 at 112 px; demo: ViT-B/16's shape at 224 px).
+PRESETS = {
+    "tiny": lambda: _random(32, 2, 2, 44, 4, 1),
+    "small": lambda: _random(96, 4, 4, 256, 8, 2),
+    "demo": lambda: _random(768, 12, 12, 3072, 16, 4),
+}
+
+
+class DINOv3(StructuralViT, nnx.Module):
   """DINOv3 ViT. `encode_image` is the entry point; `__call__` is the same."""
 
   def __init__(self, cfg: DINOv3Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -307,3 +346,10 @@ def load(bundle_dir: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> DINO
   model = bundle.zeros_module(lambda: DINOv3(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   bundle.assign_params(model, flat, source=bundle_dir)
   return model
+
+
+def build(section, *, dtype, rngs: nnx.Rngs) -> DINOv3:
+  """The registry's entry (ssvp_jax/models/registry.py): `section.bundle` or the preset `section.random_init`."""
+  if section.bundle:
+    return load(section.bundle, dtype=dtype)
+  return DINOv3(PRESETS[section.random_init](), dtype=dtype, rngs=rngs)

@@ -72,8 +72,8 @@ def fuse_maps(probs: jax.Array, weights: jax.Array, gates: jax.Array) -> jax.Arr
 
 
 def local_score(p_map: jax.Array, top_k: int | None = None) -> jax.Array:
-  """Eq. 18: S_local = max over tokens; D9 option: mean of the top_k values. [B, N] -> [B]."""
-  if top_k is None:
+  """Eq. 18: S_local = max over tokens (top_k 0 or None); D9: mean of the top_k values. [B, N] -> [B]."""
+  if not top_k:
     return jnp.max(p_map, axis=-1)
   return jnp.mean(jax.lax.top_k(p_map, top_k)[0], axis=-1)
 
@@ -98,7 +98,7 @@ class VTAM(nnx.Module):
     gate_dim: hidden width of MLP_gate (the paper gives none; None: dim // 4).
     s_global: D6, "softmax" (abnormal probability of cos(V_syn^g, t)/tau) or
       "cosine" (raw cos(V_syn^g, t_a), in [-1, 1]: the loss clips S_final).
-    top_k: D9; None is Eq. 18's max, an int the mean of the top_k map values.
+    top_k: D9; 0 (or None) is Eq. 18's max, k >= 1 the mean of the top k map values.
     gamma: Eq. 19 balance (0.5).
   """
 
@@ -108,8 +108,8 @@ class VTAM(nnx.Module):
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if s_global not in S_GLOBAL_FORMS:
       raise ValueError(f"vtam.VTAM: s_global must be one of {S_GLOBAL_FORMS}, got {s_global!r}")
-    if top_k is not None and top_k < 1:
-      raise ValueError(f"vtam.VTAM: top_k must be None or >= 1, got {top_k}")
+    if top_k is not None and top_k < 0:
+      raise ValueError(f"vtam.VTAM: top_k must be 0 (the max, Eq. 18) or >= 1, got {top_k}")
     if tau <= 0:
       raise ValueError(f"vtam.VTAM: tau must be > 0, got {tau}")
     self.dim, self.num_scales, self.num_normal = dim, num_scales, num_normal
