@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -291,30 +291,8 @@ class DINOv2(StructuralViT, nnx.Module):
     regs = jnp.broadcast_to(self.register_tokens[...].astype(x.dtype), (b,) + self.register_tokens.shape[1:])
     return jnp.concatenate([x[:, :1], regs, x[:, 1:]], axis=1)  # registers carry no position
 
-  def encode_image(self, images: Array, layers: Sequence[int] | None = None) -> DINOv2Output:
-    """Runs the encoder on images [B, H, W, C] (H, W multiples of the patch size).
-
-    `layers`: 1-based block indices whose outputs to return (0 is the
-    embedding output), as in transformers' `hidden_states[l]`; None returns
-    every block. Static: each distinct tuple compiles once under jit.
-    """
-    n = self.cfg.num_layers
-    taps = tuple(range(1, n + 1)) if layers is None else tuple(int(l) for l in layers)
-    bad = [l for l in taps if not 0 <= l <= n]
-    if bad:
-      raise ValueError(f"layers {bad} out of range: this model has blocks 1..{n} (0 = embeddings)")
-    x = self.embed(images)
-    states = {0: x}
-    for i, block in enumerate(self.layers):
-      x = block(x)
-      states[i + 1] = x
-    return DINOv2Output(hidden_states=tuple(states[l] for l in taps), last_hidden_state=self.norm(x))
-
-  __call__ = encode_image
-
-  def patch_tokens(self, hidden: Array) -> Array:
-    """SSVP's local tokens: a tapped layer [B, 1 + R + N, D] -> final norm, CLS and registers dropped: [B, N, D]."""
-    return self.norm(hidden)[:, self.cfg.num_prefix_tokens:]
+  def block_inputs(self, images: Array) -> tuple[Array, ...]:
+    return ()  # learned positions, added once in `embed`
 
 
 def param_count(cfg: DINOv2Config) -> int:

@@ -231,10 +231,38 @@ class Block(nnx.Module):
 
 
 class StructuralViT:
-  """SSVP's structural-backbone interface (ssvp_jax/models/backbone.py) for a DINO-style ViT with
-  `cfg.patch_size`, `cfg.hidden_size`, `encode_image` and `patch_tokens` (DINOv3, DINOv2)."""
+  """The encoder loop and SSVP's structural-backbone interface (ssvp_jax/models/backbone.py) of a
+  DINO-style ViT (DINOv3, DINOv2): the class provides `cfg`, `embed`, `layers`, `norm` and
+  `block_inputs(images)` (what each block takes besides the tokens)."""
 
   MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
+
+  def encode_image(self, images: Array, layers: Sequence[int] | None = None) -> DINOv3Output:
+    """Runs the encoder on images [B, H, W, C] (H, W multiples of the patch size).
+
+    `layers`: 1-based block indices whose outputs to return (0 is the
+    embedding output), as in transformers' `hidden_states[l]`; None returns
+    every block. Static: each distinct tuple compiles once under jit.
+    """
+    n = self.cfg.num_layers
+    taps = tuple(range(1, n + 1)) if layers is None else tuple(int(l) for l in layers)
+    bad = [l for l in taps if not 0 <= l <= n]
+    if bad:
+      raise ValueError(f"layers {bad} out of range: this model has blocks 1..{n} (0 = embeddings)")
+    extra = self.block_inputs(images)
+    x = self.embed(images)
+    states = {0: x}
+    for i, block in enumerate(self.layers):
+      x = block(x, *extra)
+      states[i + 1] = x
+    return DINOv3Output(hidden_states=tuple(states[l] for l in taps), last_hidden_state=self.norm(x))
+
+  def __call__(self, images: Array, layers: Sequence[int] | None = None) -> DINOv3Output:
+    return self.encode_image(images, layers)
+
+  def patch_tokens(self, hidden: Array) -> Array:
+    """SSVP's local tokens: a tapped layer [B, 1 + R + N, D] -> final norm, CLS and registers dropped: [B, N, D]."""
+    return self.norm(hidden)[:, self.cfg.num_prefix_tokens:]
 
   @property
   def patch_size(self) -> int:
@@ -297,33 +325,11 @@ class DINOv3(StructuralViT, nnx.Module):
     prefix = jnp.concatenate([self.cls_token[...], self.register_tokens[...]], axis=1).astype(x.dtype)
     return jnp.concatenate([jnp.broadcast_to(prefix, (b,) + prefix.shape[1:]), x], axis=1)
 
-  def encode_image(self, images: Array, layers: Sequence[int] | None = None) -> DINOv3Output:
-    """Runs the encoder on images [B, H, W, C] (H, W multiples of the patch size).
-
-    `layers`: 1-based block indices whose outputs to return (0 is the
-    embedding output), as in transformers' `hidden_states[l]`; None returns
-    every block. Static: each distinct tuple compiles once under jit.
-    """
-    n = self.cfg.num_layers
-    taps = tuple(range(1, n + 1)) if layers is None else tuple(int(l) for l in layers)
-    bad = [l for l in taps if not 0 <= l <= n]
-    if bad:
-      raise ValueError(f"layers {bad} out of range: this model has blocks 1..{n} (0 = embeddings)")
+  def block_inputs(self, images: Array) -> tuple[Array, ...]:
+    """The 2-D RoPE tables of the images' patch grid, which every block takes besides the tokens."""
     p = self.cfg.patch_size
     sin, cos = rope_tables(images.shape[1] // p, images.shape[2] // p, self.cfg.head_dim, self.cfg.rope_theta)
-    sin, cos = jnp.asarray(sin), jnp.asarray(cos)  # float32 (see apply_rope)
-    x = self.embed(images)
-    states = {0: x}
-    for i, block in enumerate(self.layers):
-      x = block(x, sin, cos)
-      states[i + 1] = x
-    return DINOv3Output(hidden_states=tuple(states[l] for l in taps), last_hidden_state=self.norm(x))
-
-  __call__ = encode_image
-
-  def patch_tokens(self, hidden: Array) -> Array:
-    """SSVP's local tokens: a tapped layer [B, 1 + R + N, D] -> final norm, CLS and registers dropped: [B, N, D]."""
-    return self.norm(hidden)[:, self.cfg.num_prefix_tokens:]
+    return jnp.asarray(sin), jnp.asarray(cos)  # float32 (see apply_rope)
 
 
 def param_count(cfg: DINOv3Config) -> int:
