@@ -24,7 +24,7 @@ RUNS = {
     "fsdp_tp": dict(data=4, model=2, shard_backbones=True, shard_heads=True),
 }
 # Parameters whose placement the fsdp_tp run reports (P("data", "model") where the sizes divide).
-PARAMS = ("dino.layers.0.mlp.up.kernel", "clip.vision.blocks.0.fc1.kernel", "clip.vision.blocks.0.attn.q.kernel",
+PARAMS = ("backbones.structural.layers.0.mlp.up.kernel", "backbones.semantic.vision.blocks.0.fc1.kernel", "backbones.semantic.vision.blocks.0.attn.q.kernel",
           "hsvs.local_blocks.0.mlp.fc1.kernel", "hsvs.local_blocks.0.q_c.kernel", "vtam.scale_gate.fc1.kernel",
           "vcpg.to_mu.kernel", "prompts.state")
 
@@ -118,7 +118,7 @@ def test_sharded_training_matches_one_device(child_result):
 
 def test_parameter_shardings_follow_the_rules(child_result):
   specs = child_result["fsdp_tp"]["specs"]
-  for k in ("dino.layers.0.mlp.up.kernel", "clip.vision.blocks.0.fc1.kernel", "clip.vision.blocks.0.attn.q.kernel",
+  for k in ("backbones.structural.layers.0.mlp.up.kernel", "backbones.semantic.vision.blocks.0.fc1.kernel", "backbones.semantic.vision.blocks.0.attn.q.kernel",
             "hsvs.local_blocks.0.mlp.fc1.kernel", "hsvs.local_blocks.0.q_c.kernel"):
     assert specs[k] == ["data", "model"], (k, specs[k])
   # [20, 5]: "mlp" -> model, but 2 does not divide 5, so that dimension stays replicated.
@@ -133,7 +133,7 @@ def test_parameter_shardings_follow_the_rules(child_result):
 
 def test_switches_and_batch_sharding(child_result):
   sw = child_result["switch"]
-  assert sw["dino.layers.0.mlp.up.kernel"] == [None, None]                  # shard_backbones=False
+  assert sw["backbones.structural.layers.0.mlp.up.kernel"] == [None, None]                  # shard_backbones=False
   assert sw["hsvs.local_blocks.0.mlp.fc1.kernel"] == ["data", "model"]     # shard_heads=True
   assert child_result["batch"] == {"spec": ["data", None], "shard_rows": [1]}
   assert "multiple of 8" in child_result["bad_batch"]
@@ -158,8 +158,8 @@ def test_bfloat16_compute_keeps_float32_parameters():
   assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
   rng = np.random.default_rng(0)
   b = 4
-  batch = {"clip": rng.normal(size=(b, 28, 28, 3)).astype(np.float32),
-           "dino": rng.normal(size=(b, 16, 16, 3)).astype(np.float32),
+  batch = {"semantic": rng.normal(size=(b, 28, 28, 3)).astype(np.float32),
+           "structural": rng.normal(size=(b, 16, 16, 3)).astype(np.float32),
            "mask": (rng.random((b, 28, 28)) > 0.8).astype(np.float32), "label": np.array([0, 1, 0, 1], np.int32),
            "class_index": np.zeros(b, np.int32)}
   feats = functional.Bound(SSVP.features, model)(batch["semantic"], batch["structural"])

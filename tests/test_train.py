@@ -133,8 +133,8 @@ def test_maskless_anomalous_images_train_the_image_loss_only(tmp_path, caplog):
   model, tok = build_model(c)
   t = make_templates(tok, ["brick"], model.prompts.n_learnable)
   rng = np.random.default_rng(0)
-  batch = {"clip": rng.normal(size=(4, 28, 28, 3)).astype(np.float32),
-           "dino": rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
+  batch = {"semantic": rng.normal(size=(4, 28, 28, 3)).astype(np.float32),
+           "structural": rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
            "mask": np.zeros((4, 28, 28), np.float32), "label": np.array([0, 1, 1, 0], np.int32),
            "class_index": np.zeros(4, np.int32), "mask_weight": np.array([1, 1, 0, 1], np.float32)}
   batch["mask"][1, 5:9, 5:9] = 1
