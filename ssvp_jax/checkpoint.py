@@ -41,17 +41,20 @@ def manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
                                item_handlers=handlers)
 
 
-def _trainable_state(model: nnx.Module, optimizer: nnx.Optimizer | None, wrt) -> dict[str, Any]:
+def trainable_state(model: nnx.Module, optimizer: nnx.Optimizer | None, wrt) -> nnx.State:
+  """What a checkpoint holds: {"params": the `wrt` parameters of `model`, "opt": the optimiser state}.
+
+  `trainer.TrainStep.checkpoint_state` builds the same tree from the live training state.
+  """
   state = {"params": nnx.state(model, wrt)}
   if optimizer is not None:
     state["opt"] = nnx.state(optimizer)
-  return state
+  return nnx.State(state)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None,
-         wrt, meta: dict[str, Any]) -> None:
-  """Saves the trainable parameters, optimiser state and a JSON `meta` dict at `step` (async)."""
-  state = nnx.to_pure_dict(nnx.State(_trainable_state(model, optimizer, wrt)))
+def save(mgr: ocp.CheckpointManager, step: int, state: nnx.State, meta: dict[str, Any]) -> None:
+  """Saves `state` (a `trainable_state` tree) and a JSON `meta` dict at `step` (async)."""
+  state = nnx.to_pure_dict(state)
   meta = {**meta, "digest": digest(state)}
   mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
@@ -116,7 +119,7 @@ def restore(mgr: ocp.CheckpointManager, model: nnx.Module, optimizer: nnx.Optimi
   under the work directory's lock), moved aside; the next older one is tried. CheckpointError when
   steps exist and none restores.
   """
-  target = nnx.State(_trainable_state(model, optimizer, wrt))
+  target = trainable_state(model, optimizer, wrt)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(target))
   steps = sorted(mgr.all_steps(), reverse=True) if step is None else [step]
   failed = []

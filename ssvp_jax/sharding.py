@@ -8,8 +8,11 @@ The jitted steps need nothing else: their inputs carry their shardings and XLA's
 (GSPMD, Auto axes) inserts the collectives. `constrain` pins the updated state to the same
 shardings inside the training step.
 
-Each parameter's dimensions get logical names from PARAM_AXES (matched on the parameter's
-path); LOGICAL_AXIS_RULES, the one table of rules, maps logical names to mesh axes. The result is
+Each parameter's dimensions get logical names from PARAM_AXES (matched on the end of the
+parameter's path, so a module keeps its rules wherever the model holds it); LOGICAL_AXIS_RULES, the
+one table of rules, maps logical names to mesh axes. With sharding on, a parameter of 2+ dimensions
+that no rule names and REPLICATED does not declare is an error that names it: a new layer cannot
+stay replicated by accident. The result is
 stored on the variable as its `out_sharding` (and `mesh`) metadata, the same metadata
 `nnx.with_partitioning` writes, so `nnx.get_partition_spec` reads it back and an `nnx.Optimizer`
 built afterwards gives its moments the sharding of their parameter. The names are attached after
@@ -40,16 +43,18 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("heads", "model"),  # attention inner width (heads x head dim): tensor parallel
     ("vocab", "model"),  # token table rows
     ("joint", None),     # CLIP's joint image-text width (the projections): small, replicated
+    ("latent", None),    # VCPG's latent width and latent tokens (128 at full size): small, replicated
 )
 
-# Logical names of each parameter's dimensions, by regular expression on its dotted path (first
-# match wins; no match: replicated). This is what `nnx.with_partitioning` would say in the modules.
+# Logical names of each parameter's dimensions, by regular expression on the end of its dotted path
+# (first match wins). This is what `nnx.with_partitioning` would say in the modules. The patterns
+# never name the attribute holding a backbone (`clip.`, `backbones.semantic.`): module-local names.
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    # Attention projections: CLIP q/k/v/out, DINOv3 q/k/v/o, HSVS's ATF q_c/k_d/v_d/q_d/k_c/v_c.
+    # Attention projections: CLIP q/k/v/out, DINOv2/v3 q/k/v/o, HSVS's ATF q_c/k_d/v_d/q_d/k_c/v_c.
     (r"\.(q|k|v|q_c|k_c|v_c|q_d|k_d|v_d)\.kernel$", ("embed", "heads")),
     (r"\.(q|k|v)\.bias$", ("heads",)),
     (r"\.(out|o)\.kernel$", ("heads", "embed")),
-    # MLPs: CLIP fc1/fc2, DINOv3 up/gate/down, the heads' MLP fc1/fc2.
+    # MLPs: CLIP fc1/fc2, DINOv2/v3 up/gate/down, the heads' MLP fc1/fc2.
     (r"\.(fc1|up|gate)\.kernel$", ("embed", "mlp")),
     (r"\.(fc1|up|gate)\.bias$", ("mlp",)),
     (r"\.(fc2|down)\.kernel$", ("mlp", "embed")),
@@ -59,6 +64,19 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"\.pos_embed$", (None, "embed")),
     (r"\.proj$", ("embed", "joint")),
     (r"\.clip_maps\.\d+\.kernel$", ("embed", None)),
+    # VCPG: the posterior's F_mu / F_sigma (Eq. 7) and the attention of Eq. 10 over latent tokens.
+    (r"\.(to_mu|to_log_var)\.kernel$", ("embed", "latent")),
+    (r"\.w_q\.kernel$", ("embed", "heads")),
+    (r"\.w_k\.kernel$", ("latent", "heads")),
+    (r"\.w_v\.kernel$", ("latent", "embed")),
+)
+
+# Parameters of 2+ dimensions that stay replicated on purpose (pattern, reason). Any other 2+-D
+# parameter without a PARAM_AXES rule is an error when its part of the model is sharded.
+REPLICATED: tuple[tuple[str, str], ...] = (
+    (r"\.(cls_token|register_tokens)$", "[1, n, D]: one token vector each, a bias's size"),
+    (r"\.prompts\.(background|state)$", "the learned prompt tokens: a few text-width vectors"),
+    (r"\.spatial_gates\.\d+\.kernel$", "VTAM's 1x1 gate convolutions [D, 1]: one vector each"),
 )
 
 
@@ -111,31 +129,66 @@ def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
   return P(*spec)
 
 
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...] | None:
+  """Logical names of the dimensions of the `ndim`-d parameter at dotted `path` (PARAM_AXES).
+
+  All None for a parameter REPLICATED declares and for one of fewer than 2 dimensions without a
+  rule (biases, norms, scalars); None (no answer) for a 2+-D parameter neither table names.
+  A rule of another rank than the parameter is a ValueError naming both.
+  """
+  dotted = "." + path
+  for pattern, names in PARAM_AXES:
+    if re.search(pattern, dotted):
+      if len(names) != ndim:
+        raise ValueError(f"sharding rule {pattern!r} names {len(names)} dimensions; parameter {path} has {ndim}")
+      return names
+  if ndim >= 2 and not any(re.search(pattern, dotted) for pattern, _ in REPLICATED):
+    return None
+  return (None,) * ndim
+
+
 def param_spec(path: str, shape: Sequence[int], mesh: Mesh) -> P:
   """The rules' PartitionSpec of the parameter at dotted `path` (e.g. "dino.layers.0.mlp.up.kernel")."""
-  for pattern, names in PARAM_AXES:
-    if re.search(pattern, "." + path) and len(names) == len(shape):
-      return logical_to_mesh(names, shape, mesh)
-  return P()
+  names = logical_axes(path, len(shape))
+  if names is None:
+    raise ValueError(_unmatched_message([f"{path} {tuple(shape)}"]))
+  return logical_to_mesh(names, shape, mesh)
+
+
+def _unmatched_message(params: Sequence[str]) -> str:
+  return (f"no sharding rule for {len(params)} parameter(s) of 2+ dimensions: {', '.join(params)}; add a rule "
+          "to PARAM_AXES in ssvp_jax/sharding.py, or list it in REPLICATED there with the reason (it is sharded "
+          "because mesh.shard_backbones / mesh.shard_heads is on)")
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, mesh_cfg: Mapping[str, Any] | None = None) -> nnx.Module:
   """Annotates every parameter with its sharding and moves it there (in place; returns `model`).
 
   `mesh_cfg.shard_backbones` / `shard_heads` (config.mesh) choose whether the frozen backbones /
-  the trainable heads follow the rules (FSDP + tensor parallel) or stay replicated.
+  the trainable heads follow the rules (FSDP + tensor parallel) or stay replicated. A sharded
+  parameter of 2+ dimensions without a rule is a ValueError naming every such path, raised before
+  anything moves.
   """
   mesh_cfg = mesh_cfg or {}
   frozen = nnx.filterlib.to_predicate(FROZEN)
+  placements, unmatched = [], []
   for path, var in nnx.iter_graph(model):
     if not isinstance(var, nnx.Variable) or not hasattr(var.get_value(), "shape"):
       continue
-    is_frozen = frozen(path, var)
-    sharded = mesh_cfg.get("shard_backbones", False) if is_frozen else mesh_cfg.get("shard_heads", False)
-    value = var.get_value()
-    spec = param_spec(".".join(map(str, path)), value.shape, mesh) if sharded else P()
+    shape, spec = var.get_value().shape, P()
+    if mesh_cfg.get("shard_backbones" if frozen(path, var) else "shard_heads", False):
+      dotted = ".".join(map(str, path))
+      names = logical_axes(dotted, len(shape))
+      if names is None:
+        unmatched.append(f"{dotted} {tuple(shape)}")
+        continue
+      spec = logical_to_mesh(names, shape, mesh)
+    placements.append((var, spec))
+  if unmatched:
+    raise ValueError(_unmatched_message(unmatched))
+  for var, spec in placements:
     var.set_metadata(out_sharding=tuple(spec), mesh=mesh)
-    var.set_value(jax.device_put(value, NamedSharding(mesh, spec)))
+    var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, spec)))
   return model
 
 

@@ -120,9 +120,10 @@ class TrainStep:
   """The jitted training step over the state of (model, optimizer), split once (ssvp_jax/functional.py).
 
   The frozen backbones are split off at construction and passed to every step unchanged; the
-  trainable parameters and the optimiser state go in and come back updated. `model` and
-  `optimizer` themselves are NOT updated by a step: `sync()` writes the current state into
-  them, and must run before anything reads them (checkpoints, evaluation, returning them).
+  trainable parameters and the optimiser state go in and come back updated (`state`). `model` and
+  `optimizer` themselves are NOT updated by a step: checkpoints read `checkpoint_state()`, the
+  live state; `sync()` writes the state into the objects and must run before the objects
+  themselves are used (evaluation, returning them).
   """
 
   def __init__(self, model: SSVP, optimizer: nnx.Optimizer):
@@ -134,7 +135,14 @@ class TrainStep:
     self.state, terms = _train_step(self.graphdef, self.frozen, self.state, batch, templates, key, loss_cfg)
     return terms
 
+  def checkpoint_state(self) -> nnx.State:
+    """The live state as `checkpoint.trainable_state(model, optimizer, TRAINABLE)` lays it out (the
+    on-disk tree), without touching `model` or `optimizer`."""
+    model_state, opt_state = self.state[0], self.state[1]  # the split of (model, optimizer), frozen removed
+    return nnx.State({"params": nnx.filter_state(model_state, TRAINABLE), "opt": opt_state})
+
   def sync(self) -> None:
+    """Writes the current state into `model` and `optimizer` (before using those objects)."""
     nnx.update((self.model, self.optimizer), self.state)
 
 
@@ -306,17 +314,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changes: dict, stop_
                                 "lr/prompt": float(optim.schedule(config.optim.lr_prompt, total_steps,
                                                                   config.optim.warmup_frac)(step))})
           if step % config.checkpoint_every_steps == 0 or step == total_steps:
-            train_step.sync()
-            checkpoint.save(mgr, step, model, optimizer, TRAINABLE, {"step": step, "epoch": epoch + 1})
+            checkpoint.save(mgr, step, train_step.checkpoint_state(), {"step": step, "epoch": epoch + 1})
           if stop_after_step is not None and step >= stop_after_step:
-            train_step.sync()
+            train_step.sync()  # the returned model is used (evaluated) by the caller
             return model, tokenizer, {"step": step, "stopped_early": True, **(last_terms or {})}
   finally:
     mgr.wait_until_finished()
     mgr.close()
     if logger is not None:
       logger.close()
-  train_step.sync()
+  train_step.sync()  # the returned model is evaluated next (train_and_evaluate)
   return model, tokenizer, {"step": step, "total_steps": total_steps, **(last_terms or {})}
 
 

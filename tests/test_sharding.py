@@ -123,8 +123,8 @@ def test_parameter_shardings_follow_the_rules(child_result):
     assert specs[k] == ["data", "model"], (k, specs[k])
   # [20, 5]: "mlp" -> model, but 2 does not divide 5, so that dimension stays replicated.
   assert specs["vtam.scale_gate.fc1.kernel"] == ["data", None]
-  assert specs["vcpg.to_mu.kernel"] == [None, None]  # no rule: replicated
-  assert specs["prompts.state"] == [None, None, None]
+  assert specs["vcpg.to_mu.kernel"] == ["data", None]  # [20, 6]: "latent" maps to no mesh axis
+  assert specs["prompts.state"] == [None, None, None]  # declared replicated (sharding.REPLICATED)
   # After the steps the arrays still sit where their metadata says.
   assert child_result["fsdp_tp"]["rules_specs"] == specs
   for k, v in child_result["dp"]["specs"].items():  # data-parallel: every parameter replicated
@@ -137,6 +137,96 @@ def test_switches_and_batch_sharding(child_result):
   assert sw["hsvs.local_blocks.0.mlp.fc1.kernel"] == ["data", "model"]     # shard_heads=True
   assert child_result["batch"] == {"spec": ["data", None], "shard_rows": [1]}
   assert "multiple of 8" in child_result["bad_batch"]
+
+
+def _ndims(module) -> dict[str, int]:
+  """{dotted path: ndim} of every array variable of `module` (real or from nnx.eval_shape)."""
+  from flax import nnx
+  return {".".join(map(str, p)): len(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(module))
+          if hasattr(v.get_value(), "shape")}
+
+
+# The attribute holding each backbone today and after the backbone-interface refactor (issue 13):
+# the rules match module-local path ends, so both spell the same parameter.
+_PREFIXES = {"clip.": ("backbones.semantic.",), "dino.": ("backbones.structural.",),
+             "": ("dino.", "backbones.structural.")}  # "": a DINOv2 built on its own
+
+
+def test_every_parameter_of_two_or_more_dimensions_has_a_rule():
+  """Each >= 2-D parameter of the tiny SSVP (CLIP, DINOv3, HSVS, VCPG, VTAM, PromptLearner), of the
+  heads' other variants, of gated DINOv3 and of DINOv2 (its presets, gated too) gets logical axes."""
+  import dataclasses
+  from flax import nnx
+
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  from test_train import tiny_config
+  from ssvp_jax import sharding
+  from ssvp_jax.build import build_model
+  from ssvp_jax.models import dinov2, dinov3
+  from ssvp_jax.models.hsvs import HSVS
+  from ssvp_jax.models.vtam import VTAM
+
+  rngs = lambda: nnx.Rngs(0)
+  dino2 = dinov2.PRESETS["tiny"]()
+  modules = {
+      "ssvp": build_model(tiny_config())[0],
+      "hsvs_concat_vv": nnx.eval_shape(lambda: HSVS(2, clip_dim=20, dino_dim=32, clip_in_dim=None, fusion="concat",
+                                                    share_scales=True, rngs=rngs())),
+      "vtam_learned_tau": nnx.eval_shape(lambda: VTAM(20, 2, learn_tau=True, rngs=rngs())),
+      "dinov3_gated": nnx.eval_shape(lambda: dinov3.DINOv3(dinov3.DINOv3Config(
+          hidden_size=32, num_layers=1, num_heads=2, intermediate_size=44, patch_size=4, use_gated_mlp=True,
+          hidden_act="silu"), rngs=rngs())),
+      "dinov2_tiny": dinov2.DINOv2(dino2, rngs=rngs()),
+      "dinov2_demo": nnx.eval_shape(lambda: dinov2.DINOv2(dinov2.PRESETS["demo"](), rngs=rngs())),
+      "dinov2_gated": nnx.eval_shape(lambda: dinov2.DINOv2(dataclasses.replace(
+          dino2, use_gated_mlp=True, hidden_act="silu"), rngs=rngs())),
+  }
+  checked = 0
+  for name, module in modules.items():
+    for path, ndim in _ndims(module).items():
+      axes = sharding.logical_axes(path, ndim)
+      assert axes is not None and len(axes) == ndim, (name, path, ndim, axes)
+      checked += ndim >= 2
+      for old, new in _PREFIXES.items():
+        if path.startswith(old):
+          for prefix in new:
+            assert sharding.logical_axes(prefix + path[len(old):], ndim) == axes, (name, path, prefix)
+  assert checked > 100
+  # The rules reach the heads' variants and DINOv2, not only their replicated declarations.
+  assert sharding.logical_axes("dino.layers.0.mlp.gate.kernel", 2) == ("embed", "mlp")
+  assert sharding.logical_axes("hsvs.local_blocks.0.mlp.fc1.kernel", 2) == ("embed", "mlp")
+  assert sharding.logical_axes("backbones.structural.pos_embed", 2) == (None, "embed")
+
+
+def test_a_parameter_without_a_rule_is_an_error_naming_it():
+  """Sharding on: a 2+-D parameter no rule names raises (every such path, before anything moves);
+  sharding off, or a 1-D parameter: replicated as before."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from ssvp_jax import sharding
+
+  class Head(nnx.Module):
+    def __init__(self):
+      self.mystery = nnx.Param(jnp.zeros((4, 6)))
+      self.riddle = nnx.Param(jnp.zeros((2, 3, 5)))
+      self.offset = nnx.Param(jnp.zeros((6,)))                  # 1-D: no rule needed
+      self.fc1 = nnx.Linear(4, 6, rngs=nnx.Rngs(0))             # covered by the MLP rule
+
+  class Model(nnx.Module):
+    def __init__(self):
+      self.extra = Head()
+
+  mesh = sharding.make_mesh({"data": 1, "model": 1})
+  model = Model()
+  with pytest.raises(ValueError, match=r"2 parameter\(s\).*extra\.mystery \(4, 6\).*extra\.riddle \(2, 3, 5\)"):
+    sharding.shard_model(model, mesh, {"shard_heads": True})
+  assert not model.extra.fc1.kernel.has_metadata("mesh")  # nothing placed before the error
+  with pytest.raises(ValueError, match=r"extra\.mystery"):
+    sharding.param_spec("extra.mystery", (4, 6), mesh)
+  with pytest.raises(ValueError, match=r"names 2 dimensions; parameter x\.fc1\.kernel has 3"):
+    sharding.logical_axes("x.fc1.kernel", 3)
+  sharding.shard_model(model, mesh, {"shard_heads": False})  # replicated, as the switch says
+  assert sharding.specs(model)["extra.mystery"] == sharding.P()
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

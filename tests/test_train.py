@@ -161,3 +161,46 @@ def test_maskless_anomalous_images_train_the_image_loss_only(tmp_path, caplog):
     _, _, summary = trainer.train(c, str(tmp_path / "wd"))
   assert np.isfinite(summary["loss/total"])
   assert "4 of 8 training images are anomalous without a mask" in caplog.text
+
+
+def test_a_checkpoint_holds_the_live_training_state(tmp_path):
+  """A save reads TrainStep's state, not the model object (stale until `sync`): a fresh model restores
+  the trained parameters and optimiser step. The tree and digest equal those of the model objects after
+  sync (checkpoint.trainable_state), so the on-disk format - and every older checkpoint - is unchanged."""
+  import jax
+  import ml_collections
+  from ssvp_jax import checkpoint, optim
+  from ssvp_jax.models.prompts import make_templates
+
+  c = tiny_config()
+  model, tok = build_model(c)
+  optimizer = optim.make_optimizer(model, c.optim, 10, TRAINABLE)
+  initial = flat(model, TRAINABLE)
+  t = make_templates(tok, ["brick"], model.prompts.n_learnable)
+  rng = np.random.default_rng(0)
+  batch = {"clip": rng.normal(size=(4, 28, 28, 3)).astype(np.float32),
+           "dino": rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
+           "mask": (rng.random((4, 28, 28)) > 0.8).astype(np.float32), "label": np.array([0, 1, 1, 0], np.int32),
+           "class_index": np.zeros(4, np.int32)}
+  step = trainer.TrainStep(model, optimizer)
+  for i in range(2):
+    step(batch, (t.ids, t.eot), jax.random.key(i), ml_collections.FrozenConfigDict(c.loss))
+  mgr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mgr, 2, step.checkpoint_state(), {"step": 2})  # no sync: the model object is stale
+  mgr.wait_until_finished()
+  assert all(np.array_equal(v, flat(model, TRAINABLE)[k]) for k, v in initial.items())
+
+  fresh, _ = build_model(c)  # the same initial parameters as `model`
+  fresh_opt = optim.make_optimizer(fresh, c.optim, 10, TRAINABLE)
+  assert checkpoint.restore(mgr, fresh, fresh_opt, TRAINABLE)["step"] == 2
+  mgr.close()
+  step.sync()
+  trained = flat(model, TRAINABLE)
+  assert any(not np.array_equal(v, trained[k]) for k, v in initial.items())  # the steps did train
+  for k, v in flat(fresh, TRAINABLE).items():
+    np.testing.assert_array_equal(v, trained[k], err_msg=k)
+  assert int(fresh_opt.step[...]) == 2
+  live = nnx.to_pure_dict(step.checkpoint_state())
+  objects = nnx.to_pure_dict(checkpoint.trainable_state(model, optimizer, TRAINABLE))
+  assert jax.tree.structure(live) == jax.tree.structure(objects)
+  assert checkpoint.digest(live) == checkpoint.digest(objects)
