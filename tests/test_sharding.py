@@ -118,8 +118,8 @@ def test_sharded_training_matches_one_device(child_result):
 
 def test_parameter_shardings_follow_the_rules(child_result):
   specs = child_result["fsdp_tp"]["specs"]
-  for k in ("backbones.structural.layers.0.mlp.up.kernel", "backbones.semantic.vision.blocks.0.fc1.kernel", "backbones.semantic.vision.blocks.0.attn.q.kernel",
-            "hsvs.local_blocks.0.mlp.fc1.kernel", "hsvs.local_blocks.0.q_c.kernel"):
+  for k in ("backbones.structural.layers.0.mlp.up.kernel", "backbones.semantic.vision.blocks.0.fc1.kernel",
+            "backbones.semantic.vision.blocks.0.attn.q.kernel", "hsvs.local_blocks.0.mlp.fc1.kernel", "hsvs.local_blocks.0.q_c.kernel"):
     assert specs[k] == ["data", "model"], (k, specs[k])
   # [20, 5]: "mlp" -> model, but 2 does not divide 5, so that dimension stays replicated.
   assert specs["vtam.scale_gate.fc1.kernel"] == ["data", None]

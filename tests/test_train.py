@@ -178,8 +178,8 @@ def test_a_checkpoint_holds_the_live_training_state(tmp_path):
   initial = flat(model, TRAINABLE)
   t = make_templates(tok, ["brick"], model.prompts.n_learnable)
   rng = np.random.default_rng(0)
-  batch = {"clip": rng.normal(size=(4, 28, 28, 3)).astype(np.float32),
-           "dino": rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
+  batch = {"semantic": rng.normal(size=(4, 28, 28, 3)).astype(np.float32),
+           "structural": rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
            "mask": (rng.random((4, 28, 28)) > 0.8).astype(np.float32), "label": np.array([0, 1, 1, 0], np.int32),
            "class_index": np.zeros(4, np.int32)}
   step = trainer.TrainStep(model, optimizer)
