@@ -24,8 +24,8 @@ RUNS = {
     "fsdp_tp": dict(data=4, model=2, shard_backbones=True, shard_heads=True),
 }
 # Parameters whose placement the fsdp_tp run reports (P("data", "model") where the sizes divide).
-PARAMS = ("backbones.structural.layers.0.mlp.up.kernel", "backbones.semantic.vision.blocks.0.fc1.kernel", "backbones.semantic.vision.blocks.0.attn.q.kernel",
-          "hsvs.local_blocks.0.mlp.fc1.kernel", "hsvs.local_blocks.0.q_c.kernel", "vtam.scale_gate.fc1.kernel",
+PARAMS = ("backbones.structural.layers.0.mlp.up.kernel", "backbones.semantic.vision.blocks.0.fc1.kernel",
+          "backbones.semantic.vision.blocks.0.attn.q.kernel", "hsvs.local_blocks.0.mlp.fc1.kernel", "hsvs.local_blocks.0.q_c.kernel", "vtam.scale_gate.fc1.kernel",
           "vcpg.to_mu.kernel", "prompts.state")
 
 
