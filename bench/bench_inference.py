@@ -145,14 +145,13 @@ def compiled_step(model, config, batch: int):
   from flax import nnx
 
   from ssvp_jax import evaluate, functional
-  from ssvp_jax.models.prompts import make_templates
+  from ssvp_jax.models.prompts import templates_for
   from ssvp_jax.models.ssvp import SSVP
   rng = np.random.default_rng(0)
   ci = jnp.asarray(rng.standard_normal((batch, config.clip.image_size, config.clip.image_size, 3)), jnp.float32)
   di = jnp.asarray(rng.standard_normal((batch, config.dino.image_size, config.dino.image_size, 3)), jnp.float32)
   from ssvp_jax.models import clip as clip_lib
-  templates = make_templates(clip_lib.byte_level_tokenizer(), ["bottle"], model.prompts.n_learnable,
-                             config.model.class_words, model.clip.config.text.context_length)
+  templates = templates_for(model, clip_lib.byte_level_tokenizer(), ["bottle"], config)
   table = functional.Bound(SSVP.prompt_table, model)((jnp.asarray(templates.ids), jnp.asarray(templates.eot)))
   t_init = jnp.broadcast_to(table[:1], (batch,) + table.shape[1:])
   graphdef, state = nnx.split(model)

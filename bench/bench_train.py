@@ -41,8 +41,9 @@ import numpy as np  # noqa: E402
 
 from ssvp_jax import cache, functional, optim, trainer  # noqa: E402
 from ssvp_jax.build import build_model  # noqa: E402
+from ssvp_jax.data import splits  # noqa: E402
 from ssvp_jax.data.pipeline import iterate_batches, views  # noqa: E402
-from ssvp_jax.models.prompts import make_templates  # noqa: E402
+from ssvp_jax.models.prompts import templates_for  # noqa: E402
 from ssvp_jax.models.ssvp import SSVP, TRAINABLE  # noqa: E402
 
 
@@ -65,10 +66,9 @@ def demo_config(epochs: int, path: str = os.path.join(ROOT, "configs", "demo_vit
 def step_throughput(config: ml_collections.ConfigDict, workdir: str, steps: int) -> dict[str, float]:
   """Images/s of the jitted train step with and without precomputed features (one batch reused)."""
   model, tokenizer = build_model(config)
-  records = trainer.read_split(config.train_data, workdir, "train_data")
+  records = splits.read_split(config.train_data, workdir, "train_data")
   categories = sorted({r.category for r in records})
-  t = make_templates(tokenizer, categories, model.prompts.n_learnable, config.class_words,
-                     model.semantic.context_length)
+  t = templates_for(model, tokenizer, categories, config)
   tmpl = (jnp.asarray(t.ids), jnp.asarray(t.eot))
   bs = config.optim.batch_size
   batch = next(iterate_batches(records, views(config), batch_size=bs, shuffle=True, seed=0,
@@ -102,7 +102,7 @@ def epoch_times(config: ml_collections.ConfigDict, workdir: str) -> tuple[float,
     for line in f:
       row = json.loads(line)
       steps[row["step"]] = row["time"]
-  records = trainer.read_split(config.train_data, workdir, "train_data")
+  records = splits.read_split(config.train_data, workdir, "train_data")
   per_epoch = len(records) // config.optim.batch_size
   ends = [steps[e * per_epoch] for e in range(1, config.optim.epochs + 1)]
   return ends[0] - start, list(np.diff(ends))

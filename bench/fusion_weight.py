@@ -27,20 +27,19 @@ def main(argv=None) -> None:
   import numpy as np
 
   from ssvp_jax import evaluate, fewshot, functional
-  from ssvp_jax.models.prompts import make_templates
+  from ssvp_jax.data import splits
+  from ssvp_jax.models.prompts import templates_for
   from ssvp_jax.models.ssvp import SSVP
-  from ssvp_jax.trainer import read_split
 
   config = evaluate.load_config(args.workdir)
   model, tokenizer = evaluate.load_trained(config, args.workdir)
   weights = [float(w) for w in args.weights.split(",")]
   rows: dict[str, list[dict]] = {}
   for key, ds in config.eval_data.items():
-    test = read_split(ds, args.workdir, f"eval_data.{key}")
+    test = splits.read_split(ds, args.workdir, f"eval_data.{key}")
     normals = fewshot.normal_training_records(ds, args.workdir, f"eval_data.{key}")
     cats = sorted({r.category for r in test})
-    t = make_templates(tokenizer, cats, model.prompts.n_learnable, config.class_words,
-                       model.semantic.context_length)
+    t = templates_for(model, tokenizer, cats, config)
     table = np.asarray(functional.Bound(SSVP.prompt_table, model)((t.ids, t.eot)))
     for c, cat in enumerate(cats):
       refs = [fewshot.draw_references([r for r in normals if r.category == cat], args.shots, s, cat)

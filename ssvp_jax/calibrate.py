@@ -28,9 +28,10 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+from absl import app
 from tqdm import tqdm
 
-from ssvp_jax import inference, reference
+from ssvp_jax import fileio, inference, reference
 
 log = logging.getLogger("ssvp_jax")
 
@@ -206,9 +207,8 @@ def describe(rec: dict[str, Any]) -> list[str]:
 
 def save_calibration(workdir: str, rec: dict[str, Any]) -> str:
   """Writes `workdir/calibration.json` (atomically); returns its path."""
-  from ssvp_jax.fileio import atomic_write_json
   path = os.path.join(workdir, inference.CALIBRATION_FILE)
-  atomic_write_json(path, rec)
+  fileio.atomic_write_json(path, rec)
   return path
 
 
@@ -230,9 +230,7 @@ def load_calibration(workdir: str) -> dict[str, Any] | None:
 
 def main(argv) -> int:
   del argv
-  from absl import app
-
-  from ssvp_jax.cli import FLAGS, setup
+  from ssvp_jax.cli import FLAGS, setup  # importing cli defines the command-line flags: entry points only
   setup()
   good = inference.expand_images([FLAGS.good])
   defective = inference.expand_images([FLAGS.defective]) if FLAGS.defective else []

@@ -8,8 +8,12 @@ import os
 import sys
 from typing import Callable
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from ssvp_jax.data import pipeline
+from ssvp_jax.errors import is_user_error
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py; override fields with "
@@ -22,8 +26,6 @@ flags.DEFINE_bool("verbose", False, "Show the traceback of a configuration or in
 def run(main: Callable) -> None:
   """`app.run(main)` that prints configuration and input errors as one line, `error: ...`, exit status 2
   (ssvp_jax/errors.py says which errors those are); `--verbose` shows their traceback. Bugs keep theirs."""
-  from ssvp_jax.errors import is_user_error
-
   @functools.wraps(main)
   def guarded(argv):
     try:
@@ -49,9 +51,7 @@ def setup() -> None:
   logging.getLogger("ssvp_jax").setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)
   if "max_pixels" in FLAGS:  # predict and calibrate (ssvp_jax.inference.define_flags)
-    from ssvp_jax.data import pipeline
     pipeline.set_max_pixels(FLAGS.max_pixels)
-  import jax
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return  # the user's (or the test suite's) cache, with their thresholds
   root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

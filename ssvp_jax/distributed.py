@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import grain
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ssvp_jax.data.pipeline import View, epoch_seed, iterate_batches
 from ssvp_jax.data.records import Record
@@ -71,7 +72,6 @@ def is_main() -> bool:
 def barrier(name: str) -> None:
   """Waits until every process gets here (nothing to wait for in a one-process run)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
@@ -90,7 +90,6 @@ def any_process(flag: bool) -> bool:
   """Whether `flag` is true in any process. A collective: every process calls it, in the same order."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils
   return bool(np.asarray(multihost_utils.process_allgather(np.array([int(flag)], np.int32))).any())
 
 

@@ -24,6 +24,7 @@ def is_user_error(e: BaseException) -> bool:
   missing files and folders, a full disk or denied access, and a ValueError whose message names a
   config field (`config.x.y`), as the model builder's and the mesh's checks do.
   """
+  # Here, not at the top: cache imports this module (through fileio), and the others would make it heavy.
   from ssvp_jax.cache import CacheError
   from ssvp_jax.data.common import DatasetError
   from ssvp_jax.models.bundle import WeightLoadError

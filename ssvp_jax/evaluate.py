@@ -19,11 +19,14 @@ import numpy as np
 from tqdm import tqdm
 
 from ssvp_jax import maps as maps_lib
-from ssvp_jax import config_upgrade, distributed, functional, metrics, report, sharding
+from ssvp_jax import (checkpoint, config_upgrade, distributed, fileio, functional, metrics, optim, report, sharding,
+                      validate)
+from ssvp_jax.build import build_model
+from ssvp_jax.data import splits
 from ssvp_jax.data.pipeline import iterate_batches, load_image, resize_image, views
 from ssvp_jax.errors import UserError
-from ssvp_jax.models.prompts import make_templates
-from ssvp_jax.models.ssvp import SSVP
+from ssvp_jax.models.prompts import templates_for
+from ssvp_jax.models.ssvp import SSVP, TRAINABLE
 from ssvp_jax.models.vtam import final_score, local_score
 
 log = logging.getLogger("ssvp_jax")
@@ -69,8 +72,7 @@ def predict_records(model: SSVP, tokenizer, config: ml_collections.ConfigDict, r
   """Runs the model over `records`; returns per-record maps [N, S, S] and scores [N] (record order)."""
 
   categories = sorted({r.category for r in records})
-  templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.class_words,
-                             model.semantic.context_length)
+  templates = templates_for(model, tokenizer, categories, config)
   table = functional.Bound(SSVP.prompt_table, model)((templates.ids, templates.eot))
   table = sharding.to_host(table)  # [C, P, E], small; indexed on the host below
   mesh = sharding.model_mesh(model)  # None: a model `sharding.shard_model` never placed
@@ -142,15 +144,13 @@ def _write_overlays(records, pred, labels, config, out_dir) -> None:
 def evaluate_datasets(config: ml_collections.ConfigDict, model: SSVP, tokenizer, workdir: str,
                       out_name: str = "eval") -> dict[str, dict[str, dict[str, float]]]:
   """Evaluates every `config.eval_data` entry; writes `workdir/<out_name>/results.*`; returns the results."""
-  from ssvp_jax.trainer import read_split
-
   out_dir = os.path.join(workdir, out_name)
   main = distributed.is_main()  # every process evaluates; process 0 writes
   if main:
     os.makedirs(out_dir, exist_ok=True)
   results = {}
   for key, ds in config.eval_data.items():
-    records = read_split(ds, workdir, f"eval_data.{key}")
+    records = splits.read_split(ds, workdir, f"eval_data.{key}")
     log.info("evaluating %s: %d images of %d categories", key, len(records), len({r.category for r in records}))
     results[key] = evaluate_records(model, tokenizer, config, records, key, out_dir if main else None)
   if main:
@@ -169,7 +169,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     try:
       stored = json.load(f)
     except ValueError as e:
-      from ssvp_jax.errors import UserError
       raise UserError(f"{path}: not valid JSON ({e}); see config_history.jsonl beside it") from None
   return ml_collections.ConfigDict(config_upgrade.upgrade(stored, path))
 
@@ -177,10 +176,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def load_trained(config: ml_collections.ConfigDict, workdir: str, move_bad: bool = False):
   """(model, tokenizer) with the heads of the newest intact checkpoint in `workdir` (`move_bad`: move a
   damaged newer one aside, as training does; only under the work directory's lock)."""
-  from ssvp_jax import checkpoint, optim
-  from ssvp_jax.build import build_model
-  from ssvp_jax.models.ssvp import TRAINABLE
-
   model, tokenizer = build_model(config)
   if jax.device_count() > 1:  # place it as training did (one device: the same arrays either way)
     sharding.shard_model(model, sharding.make_mesh(sharding.mesh_config(config)), sharding.mesh_config(config))
@@ -204,13 +199,11 @@ def main(argv) -> None:
   setup()
   # Without --config, evaluate with the config the work directory was trained with.
   config = FLAGS.config if FLAGS.config is not None else load_config(FLAGS.workdir)
-  from ssvp_jax import fileio, validate
   validate.check(config, FLAGS.workdir, train=False)
   fileio.WorkdirLock(FLAGS.workdir, "evaluation").acquire()  # until exit: not while a training writes here
   if FLAGS.shots is not None:
     return _fewshot_main(config, FLAGS.workdir, FLAGS.shots)
   if FLAGS.untrained:  # the baseline: the same model before training (heads at initialisation)
-    from ssvp_jax.build import build_model
     model, tokenizer = build_model(config)
     results = evaluate_datasets(config, model, tokenizer, FLAGS.workdir, out_name="eval_untrained")
   else:
@@ -219,15 +212,14 @@ def main(argv) -> None:
   print(report.format_markdown(results))
   shots = int(config.get("reference", {}).get("shots", 0))
   if shots and not FLAGS.untrained:  # as training ends (configs/demo.py)
-    from ssvp_jax import fewshot
+    from ssvp_jax import fewshot  # imports this module (through reference)
     print(report.format_markdown(fewshot.evaluate_fewshot(config, model, tokenizer, FLAGS.workdir, shots, True)))
 
 
 def _fewshot_main(config: ml_collections.ConfigDict, workdir: str, shots: int) -> None:
   """--shots=K: the few-shot protocol (ssvp_jax/fewshot.py), fused on a trained work directory,
   bank only on one that was never trained."""
-  from ssvp_jax import fewshot, inference
-  from ssvp_jax.build import build_model
+  from ssvp_jax import fewshot, inference  # both import this module
   if shots < 1:
     raise UserError(f"--shots={shots}: give K >= 1 references per category")
   trained = os.path.isdir(os.path.join(workdir, "checkpoints")) and inference.checkpoint_step(workdir) is not None

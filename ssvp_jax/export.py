@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from typing import Any, Callable, Sequence
 
 import jax
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssvp_jax import evaluate, fileio, inference, reference
+from ssvp_jax import __version__, calibrate, evaluate, fileio, inference, reference
 
 log = logging.getLogger("ssvp_jax")
 
@@ -131,7 +132,6 @@ def _storable(x: jax.Array) -> tuple[np.ndarray, str]:
 
 def artifact_meta(engine: inference.Engine, size: int, calibration: dict[str, Any] | None) -> dict[str, Any]:
   """What an artifact (.jaxexport or ONNX) says about itself: sizes, category, views, thresholds."""
-  from ssvp_jax import __version__
   meta = {
       "format": FORMAT, "ssvp_jax_version": __version__, "jax_version": jax.__version__,
       "input_size": size, "input": "float32 [b, S, S, 3] RGB in [0, 1]",
@@ -194,7 +194,6 @@ def export_model(engine: inference.Engine, out_path: str, input_size: int | None
 
 def is_artifact(path: str) -> bool:
   """Whether `path` is a `.jaxexport` file (what --overwrite may replace)."""
-  import zipfile
   try:
     with zipfile.ZipFile(path) as z:
       return {"function.npy", "meta.npy"} <= set(z.namelist())
@@ -204,19 +203,18 @@ def is_artifact(path: str) -> bool:
 
 def main(argv) -> int:
   del argv
-  from ssvp_jax.calibrate import load_calibration
-  from ssvp_jax.cli import FLAGS, setup
+  from ssvp_jax.cli import FLAGS, setup  # importing cli defines the command-line flags: entry points only
   setup()
   if FLAGS.format == "onnx":
-    from ssvp_jax import onnx_export
+    from ssvp_jax import onnx_export  # imports this module
     fileio.check_output(FLAGS.out, FLAGS.overwrite, "ONNX model", onnx_export.is_onnx_model, folder=False)
   else:
     fileio.check_output(FLAGS.out, FLAGS.overwrite, ".jaxexport artifact", is_artifact, folder=False)
-  cal = load_calibration(FLAGS.workdir)
+  cal = calibrate.load_calibration(FLAGS.workdir)
   category = FLAGS.category if FLAGS["category"].present or not cal else cal.get("category", FLAGS.category)
   engine = inference.load_engine(FLAGS.workdir, category, FLAGS.config, use_reference=not FLAGS.no_reference)
   if FLAGS.format == "onnx":
-    from ssvp_jax import onnx_export
+    from ssvp_jax import onnx_export  # imports this module
     meta = onnx_export.export_onnx(engine, FLAGS.out, FLAGS.size, cal)
     where = f"ONNX opset {meta['opset']}, checkpoint {meta['checkpoint_fingerprint']}"
   else:

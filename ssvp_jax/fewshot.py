@@ -27,11 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from ssvp_jax import distributed, functional, metrics, reference, report, sharding
-from ssvp_jax.data import datasets
+from ssvp_jax.data import datasets, splits
 from ssvp_jax.data.common import DatasetError
 from ssvp_jax.data.pipeline import iterate_batches, views
 from ssvp_jax.errors import UserError
-from ssvp_jax.models.prompts import make_templates
+from ssvp_jax.models.prompts import templates_for
 from ssvp_jax.models.ssvp import SSVP
 
 log = logging.getLogger("ssvp_jax")
@@ -149,19 +149,17 @@ def row_name(dataset: str, row: str, shots: int) -> str:
 def evaluate_fewshot(config: ml_collections.ConfigDict, model: SSVP, tokenizer, workdir: str, shots: int,
                      trained: bool) -> dict[str, dict[str, dict[str, float]]]:
   """The few-shot protocol on every `config.eval_data` entry; writes `workdir/eval_{shots}shot/`."""
-  from ssvp_jax.trainer import read_split
   ref = reference.settings(config)
   results: dict[str, dict[str, dict[str, float]]] = {}
   for key, ds in config.eval_data.items():
-    test = read_split(ds, workdir, f"eval_data.{key}")  # also writes demo data when asked to
+    test = splits.read_split(ds, workdir, f"eval_data.{key}")  # also writes demo data when asked to
     normals = normal_training_records(ds, workdir, f"eval_data.{key}")
     if normals is None:
       continue
     categories = sorted({r.category for r in test})
     table = None
     if trained:
-      templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.class_words,
-                                 model.semantic.context_length)
+      templates = templates_for(model, tokenizer, categories, config)
       table = np.asarray(sharding.to_host(
           functional.Bound(SSVP.prompt_table, model)((templates.ids, templates.eot))))  # [C, P, E]
     log.info("%d-shot evaluation of %s: %d categories, seeds 0..%d", shots, key, len(categories), ref.seeds - 1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import glob
 import logging
 import math
 import os
@@ -30,12 +31,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from PIL import Image
 
-from ssvp_jax import evaluate, functional, reference
-from ssvp_jax.data.common import DatasetError
-from ssvp_jax.data.pipeline import View, load_image, normalize, resize_image, views
-from ssvp_jax.models.prompts import class_words, make_templates
+from ssvp_jax import checkpoint, evaluate, functional, reference
+from ssvp_jax.data.common import DatasetError, is_image
+from ssvp_jax.data.pipeline import DEFAULT_MAX_PIXELS, View, load_image, normalize, resize_image, views
+from ssvp_jax.models.prompts import class_words, templates_for
 from ssvp_jax.models.ssvp import SSVP
 
 log = logging.getLogger("ssvp_jax")
@@ -108,7 +110,6 @@ class Engine:
 
 def checkpoint_step(workdir: str) -> int | None:
   """The latest checkpoint step in `workdir` (None without checkpoints)."""
-  from ssvp_jax import checkpoint
   mgr = checkpoint.manager(workdir)
   try:
     return mgr.latest_step()
@@ -118,8 +119,7 @@ def checkpoint_step(workdir: str) -> int | None:
 
 def category_table(model: SSVP, tokenizer, config: ml_collections.ConfigDict, category: str) -> jax.Array:
   """T_init [P, E] of one category through the frozen text tower (the words follow config.class_words)."""
-  templates = make_templates(tokenizer, [category], model.prompts.n_learnable, config.class_words,
-                             model.semantic.context_length)
+  templates = templates_for(model, tokenizer, [category], config)
   table = functional.Bound(SSVP.prompt_table, model)((templates.ids, templates.eot))
   return table[0]
 
@@ -312,13 +312,11 @@ def max_location(amap: np.ndarray, height: int, width: int) -> tuple[int, int]:
 
 def define_flags() -> None:
   """--category, --batch_size, --workers for the predict and calibrate entry points (call once, in main)."""
-  from absl import flags
   flags.DEFINE_string("category", DEFAULT_CATEGORY, "Category word(s) for the prompts, e.g. 'bottle'. Default "
                       "'object' (class-agnostic); passed through config.class_words like a dataset's "
                       "category names.")
   flags.DEFINE_integer("batch_size", None, "Images per forward pass (default: config.eval.batch_size).")
   flags.DEFINE_integer("workers", 4, "Decoding threads.")
-  from ssvp_jax.data.pipeline import DEFAULT_MAX_PIXELS
   flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "Largest image (width x height) to decode; larger files "
                        "are reported and skipped (about 16 bytes of memory per pixel).")
 
@@ -329,9 +327,6 @@ def expand_images(patterns: Sequence[str]) -> list[str]:
   A glob keeps every file it matches, image or not, so that a file that cannot be decoded is reported
   rather than silently passed over; a folder lists only files with an image extension.
   """
-  import glob
-
-  from ssvp_jax.data.common import is_image
   out: list[str] = []
   for pattern in patterns:
     if os.path.isdir(pattern):

@@ -58,6 +58,14 @@ def upsample(maps: jax.Array, size: int) -> jax.Array:
   return jnp.einsum("ij,bjk,lk->bil", rows, maps, cols)
 
 
+def upsample_probs(prob: jax.Array, size: int) -> jax.Array:
+  """[B, h, w] probabilities -> [B, size, size], bilinear on the logits after a clip to [1e-6, 1 - 1e-6]
+  (the D20 alternative "clipped": the clip stops the gradient of saturated pixels)."""
+  p = jnp.clip(prob, 1e-6, 1 - 1e-6)
+  logit = jnp.log(p) - jnp.log1p(-p)
+  return jax.nn.sigmoid(upsample(logit, size))
+
+
 def smooth(maps: jax.Array, sigma: float) -> jax.Array:
   """Gaussian smoothing of [B, S, S] maps (equal to scipy's gaussian_filter, mode "reflect")."""
   if sigma <= 0:

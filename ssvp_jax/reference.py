@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ssvp_jax import cache, evaluate, fileio
 from ssvp_jax import maps as maps_lib
 from ssvp_jax.data.pipeline import views
 from ssvp_jax.errors import UserError
@@ -272,10 +273,9 @@ def step(model: SSVP, semantic_images, structural_images, t_init, banks: tuple[B
   per_bank a tuple of (map, score) per bank; features the selected taps (or None); owner as in
   `bank_outputs`.
   """
-  from ssvp_jax.evaluate import head_outputs
   feats = model.features(semantic_images, structural_images)
   query = select(feats, spec)
-  zero_shot = None if t_init is None else head_outputs(model, feats, t_init, size, sigma)
+  zero_shot = None if t_init is None else evaluate.head_outputs(model, feats, t_init, size, sigma)
   per_bank = tuple(bank_outputs(bank, query, spec, size, sigma, owner) for bank in banks)
   return zero_shot, per_bank, (query if return_features else None)
 
@@ -338,7 +338,6 @@ def bank_path(workdir: str, category: str) -> str:
 def fingerprint(model: SSVP, config: ml_collections.ConfigDict) -> str:
   """What a bank's numbers depend on besides its images: the backbone weights (by value), their
   architectures, taps, resolutions and compute dtype (the feature cache's key), and the bank's spec."""
-  from ssvp_jax import cache
   desc = cache.key_description(model, config, views(config), mask_size=0, dtype="float32")
   desc["reference"] = spec(config)._asdict()
   return cache.fingerprint(desc)
@@ -346,7 +345,6 @@ def fingerprint(model: SSVP, config: ml_collections.ConfigDict) -> str:
 
 def save_bank(path: str, bank: Bank, meta: dict) -> None:
   """Writes `bank` and `meta` (JSON-able; must hold "fingerprint") to `path` atomically."""
-  from ssvp_jax import fileio
   arrays = {f"layer_{i:02d}": np.asarray(x) for i, x in enumerate(bank.layers)}
   arrays.update(index=np.asarray(bank.index), scale=np.asarray(bank.scale),
                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))

@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from ssvp_jax.models.ssvp import FROZEN
@@ -275,7 +276,6 @@ def to_host(x: jax.Array) -> np.ndarray:
   """A global array as one NumPy array in every process (gathered across processes when needed)."""
   if getattr(x, "is_fully_addressable", True):
     return np.asarray(x)
-  from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 

@@ -15,52 +15,27 @@ import platform
 import time
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+import orbax.checkpoint
 from flax import nnx
 from tqdm import tqdm
 
-from ssvp_jax import (cache, checkpoint, decisions, distributed, evaluate, fileio, functional, losses, maps, optim,
-                      resume, sharding, validate)
+from ssvp_jax import (__version__, cache, checkpoint, decisions, distributed, evaluate, fewshot, fileio, functional,
+                      losses, maps, optim, reference, resume, sharding, validate)
 from ssvp_jax.build import build_model
-from ssvp_jax.data import datasets, synth
+from ssvp_jax.data import splits
 from ssvp_jax.data.pipeline import views
-from ssvp_jax.models.prompts import make_templates
+from ssvp_jax.models.prompts import templates_for
 from ssvp_jax.models.ssvp import FROZEN, SSVP, TRAINABLE
 
 log = logging.getLogger("ssvp_jax")
 
 
-def prepare_demo_data(ds: ml_collections.ConfigDict, root: str) -> None:
-  """Makes `root` a complete demo dataset as `ds.synth` describes (ssvp_jax.data.synth.ensure)."""
-  s = ds.synth
-  synth.ensure(s.layout, root, s.categories, size=s.size, num_good=s.num_good, num_anomalous=s.num_anomalous,
-               seed=s.seed)
-
-
-def read_split(ds: ml_collections.ConfigDict, workdir: str, section: str):
-  """Records of a configured dataset; `section` names the config field in error messages."""
-  if not ds.root:
-    title = datasets.DATASETS[ds.name].title if ds.name in datasets.DATASETS else ds.name
-    raise ValueError(f"config.{section}.root is empty: pass --config.{section}.root=DIR (the extracted "
-                     f"{title} folder)")
-  root = ds.root.replace("{workdir}", workdir)
-  if validate.generated_root(ds):  # only into roots the config templates under the work directory
-    if distributed.is_main():  # one writer; the other processes wait for its files
-      prepare_demo_data(ds, root)
-    distributed.barrier("demo data")
-  return datasets.read_dataset(ds.name, root, ds.split, tuple(ds.categories) or None,
-                               protocol=ds.get("protocol", "full"))
-
-
-def upsample_probs(prob: jax.Array, size: int) -> jax.Array:
-  """[B, h, w] probabilities -> [B, size, size], bilinear on the logits after a clip to [1e-6, 1 - 1e-6]
-  (the D20 alternative "clipped": the clip stops the gradient of saturated pixels)."""
-  p = jnp.clip(prob, 1e-6, 1 - 1e-6)
-  logit = jnp.log(p) - jnp.log1p(-p)
-  return jax.nn.sigmoid(maps.upsample(logit, size))
 
 
 def seg_maps(out, size: int, loss_cfg) -> tuple[list[jax.Array], list[bool]]:
@@ -75,7 +50,7 @@ def seg_maps(out, size: int, loss_cfg) -> tuple[list[jax.Array], list[bool]]:
     scale = [maps.upsample(x, size) for x in out.scale_logits]
     flags = [True] * len(scale)
   else:
-    scale = [upsample_probs(p, size) for p in out.scale_probs]
+    scale = [maps.upsample_probs(p, size) for p in out.scale_probs]
     flags = [False] * len(scale)
   if loss_cfg.get("supervise_fused", False):
     scale.append(maps.upsample(out.p_map, size))
@@ -166,10 +141,6 @@ def _nbytes(model: SSVP, optimizer: nnx.Optimizer) -> int:
 
 
 def _versions() -> dict[str, str]:
-  import flax
-  import optax
-  import orbax.checkpoint
-  from ssvp_jax import __version__
   return {"ssvp_jax": __version__, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
           "orbax-checkpoint": orbax.checkpoint.__version__, "numpy": np.__version__,
           "python": platform.python_version(), "backend": jax.default_backend()}
@@ -194,7 +165,7 @@ class _Logger:
   """
 
   def __init__(self, workdir: str, step: int = 0):
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter  # slow to import: only a training run writes logs
     resume.trim_log(os.path.join(workdir, "log.jsonl"), step)
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=step + 1 if step else None)
     self.jsonl = open(os.path.join(workdir, "log.jsonl"), "a")
@@ -235,14 +206,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changes: dict, stop_
   model, tokenizer = build_model(config)
   sharding.shard_model(model, mesh, sharding.mesh_config(config))
 
-  records = read_split(config.train_data, workdir, "train_data")
+  records = splits.read_split(config.train_data, workdir, "train_data")
   categories = sorted({r.category for r in records})
   cat_index = {c: i for i, c in enumerate(categories)}
   class_of_record = np.array([cat_index[r.category] for r in records], np.int32)
   # An anomalous image without a mask must not teach "no defect here" to L_seg (weight 0).
   mask_weight_of_record = np.array([float(r.mask_path is not None or r.label == 0) for r in records], np.float32)
-  templates = make_templates(tokenizer, categories, model.prompts.n_learnable, config.class_words,
-                             model.semantic.context_length)
+  templates = templates_for(model, tokenizer, categories, config)
   tmpl = (jnp.asarray(templates.ids), jnp.asarray(templates.eot))
 
   bs = config.optim.batch_size
@@ -334,7 +304,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir/eval_{K}shot). Returns {"train": summary, "results": dataset -> category -> metric,
   "fewshot": the few-shot rows, or None}.
   """
-  from ssvp_jax import fewshot, reference
   validate.check(config, workdir, train=True)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock(workdir, "training"):  # through the evaluations at the end

@@ -17,6 +17,9 @@ from typing import Iterable
 import jax
 import ml_collections
 
+from ssvp_jax import sharding
+from ssvp_jax.cache import DTYPES
+from ssvp_jax.data import datasets
 from ssvp_jax.errors import UserError
 
 
@@ -35,7 +38,6 @@ def _positive(config: ml_collections.ConfigDict, keys: Iterable[str]) -> list[st
 
 
 def _data_axis(config: ml_collections.ConfigDict, problems: list[str]) -> int | None:
-  from ssvp_jax import sharding
   try:
     return int(sharding.make_mesh(sharding.mesh_config(config)).shape["data"])
   except ValueError as e:
@@ -62,7 +64,6 @@ def generated_root(ds: ml_collections.ConfigDict) -> bool:
 
 
 def _dataset(ds: ml_collections.ConfigDict, workdir: str, section: str, min_records: int = 0) -> list[str]:
-  from ssvp_jax.data import datasets
   if ds.name not in datasets.DATASETS:
     return [f"--config.{section}.name={ds.name!r}: unknown; known: {', '.join(datasets.DATASETS)}"]
   title = datasets.DATASETS[ds.name].title
@@ -113,7 +114,6 @@ def problems(config: ml_collections.ConfigDict, workdir: str, train: bool) -> li
     out += _dataset(config.train_data, workdir, "train_data", max(bs, 0))
     cache = config.get("cache")
     if cache is not None and cache.enabled:
-      from ssvp_jax.cache import DTYPES
       if cache.dtype not in DTYPES:
         out.append(f"--config.cache.dtype={cache.dtype!r}: must be one of {', '.join(DTYPES)}")
       out += _writable(cache.dir.replace("{workdir}", workdir), "--config.cache.dir")

@@ -30,6 +30,7 @@ def _shared_root(tmp_path_factory) -> str:
 def trained_workdir(tmp_path_factory) -> str:
   """A work directory trained with configs/tiny.py, with its demo target data written."""
   from ssvp_jax import trainer
+  from ssvp_jax.data import splits
   root = _shared_root(tmp_path_factory)
   workdir = os.path.join(root, "factory_tiny_workdir")
   with filelock.FileLock(os.path.join(root, "factory_tiny_workdir.lock")):
@@ -37,7 +38,7 @@ def trained_workdir(tmp_path_factory) -> str:
       shutil.rmtree(workdir, ignore_errors=True)
       config = tiny_config()
       trainer.train(config, workdir)
-      trainer.read_split(config.eval_data.target, workdir, "eval_data.target")  # writes the demo target data
+      splits.read_split(config.eval_data.target, workdir, "eval_data.target")  # writes the demo target data
       open(os.path.join(workdir, "READY"), "w").close()
   return workdir
 
@@ -75,9 +76,9 @@ def run_python(args: list[str], tmp_path_factory, timeout: int = 300) -> subproc
 
 def target_records(workdir: str):
   """The demo target records of the trained work directory (VisA layout)."""
-  from ssvp_jax import trainer
+  from ssvp_jax.data import splits
   config = tiny_config()
-  return trainer.read_split(config.eval_data.target, workdir, "eval_data.target")
+  return splits.read_split(config.eval_data.target, workdir, "eval_data.target")
 
 
 def magenta_pixels(png_path: str) -> int:

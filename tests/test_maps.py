@@ -24,6 +24,18 @@ def test_upsample_equals_torch_align_corners_false(h, size):
   np.testing.assert_allclose(np.asarray(maps.upsample(jnp.asarray(x), size)), ref, atol=2e-6)
 
 
+def test_upsample_probs_interpolates_logits_and_clips_saturated_pixels():
+  """D20 "clipped": bilinear on the logits (torch's sigmoid(interpolate(logit))), 0 and 1 held at 1e-6 away."""
+  x = np.random.default_rng(1).random((2, 4, 4)).astype(np.float32)
+  x[0, 0, 0], x[1, 3, 3] = 0.0, 1.0
+  p = np.clip(x, 1e-6, 1 - 1e-6)
+  ref = torch.sigmoid(torch.nn.functional.interpolate(torch.from_numpy(np.log(p) - np.log1p(-p))[:, None],
+                                                      size=(9, 9), mode="bilinear", align_corners=False))[:, 0]
+  out = np.asarray(maps.upsample_probs(jnp.asarray(x), 9))
+  np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)
+  assert out.min() > 0 and out.max() < 1 and np.isfinite(out).all()
+
+
 def test_smooth_equals_scipy():
   from scipy.ndimage import gaussian_filter
   x = np.random.default_rng(0).random((2, 30, 30)).astype(np.float32)

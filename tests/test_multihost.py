@@ -37,6 +37,7 @@ def _config(data_dir: str, cached: bool = False):
 def _child(process_id: str, port: str, data_dir: str, workdir: str, out_path: str, cached: str = "") -> None:
   sys.path.insert(0, ROOT)
   from ssvp_jax import distributed, evaluate, trainer
+  from ssvp_jax.data import splits
 
   assert distributed.initialize(f"127.0.0.1:{port}", 2, int(process_id))
   import jax
@@ -47,7 +48,7 @@ def _child(process_id: str, port: str, data_dir: str, workdir: str, out_path: st
       json.dump({"summary": summary}, f)
     return
   # Evaluation: every process holds each whole batch, the step splits it over the processes.
-  records = trainer.read_split(c.eval_data.target, workdir, "eval_data.target")[:6]
+  records = splits.read_split(c.eval_data.target, workdir, "eval_data.target")[:6]
   s_final = evaluate.predict_records(model, tok, c, records)["s_final"].tolist()
   with open(out_path, "w") as f:
     json.dump({"summary": summary, "process_count": jax.process_count(), "devices": jax.device_count(),
@@ -94,12 +95,13 @@ def _losses(wd) -> list[float]:
 
 def test_two_processes_match_one(tmp_path):
   from ssvp_jax import evaluate, trainer
+  from ssvp_jax.data import splits
   from ssvp_jax.models.ssvp import TRAINABLE
 
   data = str(tmp_path / "data")
   c = _config(data)
-  trainer.prepare_demo_data(c.train_data, c.train_data.root)
-  trainer.prepare_demo_data(c.eval_data.target, c.eval_data.target.root)
+  splits.prepare_demo_data(c.train_data, c.train_data.root)
+  splits.prepare_demo_data(c.eval_data.target, c.eval_data.target.root)
   outs = _run_two(tmp_path, data, str(tmp_path / "multi"))
 
   one_model, tok, one_summary = trainer.train(c, str(tmp_path / "one"))
@@ -115,7 +117,7 @@ def test_two_processes_match_one(tmp_path):
   assert multi[0] != multi[-1]
 
   # Sharded evaluation across the processes gives every process the one-process scores.
-  records = trainer.read_split(c.eval_data.target, str(tmp_path), "eval_data.target")[:6]
+  records = splits.read_split(c.eval_data.target, str(tmp_path), "eval_data.target")[:6]
   one_scores = evaluate.predict_records(one_model, tok, c, records)["s_final"]
   for o in outs:
     np.testing.assert_allclose(o["s_final"], one_scores, rtol=1e-4, atol=1e-5)
@@ -131,11 +133,12 @@ def test_two_processes_match_one(tmp_path):
 def test_two_processes_with_the_feature_cache_match_one_without(tmp_path):
   """Epoch 1 fills the cache collectively (each process writes its rows), epoch 2 reads it back."""
   from ssvp_jax import trainer
+  from ssvp_jax.data import splits
 
   data = str(tmp_path / "data")
   c = _config(data, cached=True)
-  trainer.prepare_demo_data(c.train_data, c.train_data.root)
-  trainer.prepare_demo_data(c.eval_data.target, c.eval_data.target.root)  # checked before training starts
+  splits.prepare_demo_data(c.train_data, c.train_data.root)
+  splits.prepare_demo_data(c.eval_data.target, c.eval_data.target.root)  # checked before training starts
   outs = _run_two(tmp_path, data, str(tmp_path / "multi"), "cached")
   c.cache.enabled = False
   _, _, one = trainer.train(c, str(tmp_path / "one"))
@@ -163,12 +166,12 @@ def test_initialize_needs_complete_arguments(monkeypatch):
 def test_process_batches_rebuild_the_global_batch(monkeypatch, tmp_path):
   """Both processes' rows, stacked, are exactly the one-process batches (same shuffle, same grouping)."""
   from ssvp_jax import distributed, trainer
-  from ssvp_jax.data import pipeline
+  from ssvp_jax.data import pipeline, splits
 
   data = str(tmp_path / "data")
   c = _config(data)
-  trainer.prepare_demo_data(c.train_data, c.train_data.root)
-  records = trainer.read_split(c.train_data, str(tmp_path), "train_data")
+  splits.prepare_demo_data(c.train_data, c.train_data.root)
+  records = splits.read_split(c.train_data, str(tmp_path), "train_data")
   kw = dict(batch_size=4, seed=3, epoch=1, num_threads=0)
   one = list(distributed.train_batches(records, pipeline.views(c), **kw))
   monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)

@@ -23,7 +23,7 @@ from flax import nnx
 from PIL import Image
 
 from ssvp_jax import cache, checkpoint, errors, evaluate, fileio, resume, trainer, validate
-from ssvp_jax.data import pipeline, synth
+from ssvp_jax.data import pipeline, splits, synth
 from ssvp_jax.data.common import DatasetError
 from ssvp_jax.models.ssvp import TRAINABLE
 from test_train import tiny_config
@@ -94,7 +94,7 @@ def test_kill_during_demo_data_then_rerun_regenerates_it(tmp_path):
   assert not os.path.exists(os.path.join(data, "source"))  # never renamed into place
   assert [n for n in os.listdir(data) if ".tmp-" in n]  # the killed generator's folder
   c = tiny_config()
-  records = trainer.read_split(c.train_data, workdir, "train_data")
+  records = splits.read_split(c.train_data, workdir, "train_data")
   assert len(records) == 16 and {r.category for r in records} == {"brick", "grating"}
   assert os.listdir(data) == ["source"]  # the partial folder is gone
   with open(os.path.join(data, "source", synth.MARKER)) as f:
@@ -102,9 +102,9 @@ def test_kill_during_demo_data_then_rerun_regenerates_it(tmp_path):
   # A folder without the marker (an older version's partial write) is regenerated, a complete one kept.
   shutil.rmtree(os.path.join(data, "source", "grating"))
   os.remove(os.path.join(data, "source", synth.MARKER))
-  assert len(trainer.read_split(c.train_data, workdir, "train_data")) == 16
+  assert len(splits.read_split(c.train_data, workdir, "train_data")) == 16
   mtime = os.path.getmtime(os.path.join(data, "source", synth.MARKER))
-  trainer.read_split(c.train_data, workdir, "train_data")
+  splits.read_split(c.train_data, workdir, "train_data")
   assert os.path.getmtime(os.path.join(data, "source", synth.MARKER)) == mtime
 
 

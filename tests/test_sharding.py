@@ -37,6 +37,7 @@ def _child(out_path: str, data_dir: str, work: str) -> None:
   from test_train import tiny_config
   from ssvp_jax import evaluate, sharding, trainer
   from ssvp_jax.build import build_model
+  from ssvp_jax.data import splits
 
   assert jax.device_count() == 8, jax.devices()
   result = {}
@@ -58,7 +59,7 @@ def _child(out_path: str, data_dir: str, work: str) -> None:
         "rules_specs": {k: _spec(sharding.specs(model)[k], flat[k][...].ndim) for k in PARAMS},
     }
     if name != "dp":  # evaluation on the sharded model (eval batch split over `data`) vs one device
-      records = trainer.read_split(c.eval_data.target, wd, "eval_data.target")
+      records = splits.read_split(c.eval_data.target, wd, "eval_data.target")
       result[name]["s_final"] = evaluate.predict_records(model, tok, c, records)["s_final"].tolist()
   # The switches: backbones replicated, heads sharded (no training needed to check placement).
   c = tiny_config()
@@ -90,12 +91,12 @@ def _spec(spec, ndim: int) -> list:
 def child_result(tmp_path_factory):
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   from test_train import tiny_config
-  from ssvp_jax import trainer
+  from ssvp_jax.data import splits
 
   tmp = tmp_path_factory.mktemp("sharding")
   c = tiny_config()
-  trainer.prepare_demo_data(c.train_data, str(tmp / "data" / "source"))
-  trainer.prepare_demo_data(c.eval_data.target, str(tmp / "data" / "target"))
+  splits.prepare_demo_data(c.train_data, str(tmp / "data" / "source"))
+  splits.prepare_demo_data(c.eval_data.target, str(tmp / "data" / "target"))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   out = tmp / "result.json"
   proc = subprocess.run([sys.executable, __file__, str(out), str(tmp / "data"), str(tmp / "work")], env=env,
@@ -240,6 +241,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
   from test_train import tiny_config
   from ssvp_jax import functional, optim, trainer
   from ssvp_jax.build import build_model
+  from ssvp_jax.models.prompts import templates_for
   from ssvp_jax.models.ssvp import SSVP, TRAINABLE
 
   c = tiny_config()
@@ -254,8 +256,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
            "class_index": np.zeros(b, np.int32)}
   feats = functional.Bound(SSVP.features, model)(batch["semantic"], batch["structural"])
   assert feats.semantic_local[0].dtype == jnp.bfloat16 and feats.structural_global.dtype == jnp.bfloat16
-  templates = trainer.make_templates(tok, ["brick"], model.prompts.n_learnable, "readable",
-                                     model.semantic.context_length)
+  templates = templates_for(model, tok, ["brick"], c)  # class_words "readable"
   tmpl = (jnp.asarray(templates.ids), jnp.asarray(templates.eot))
   # D21: VTAM runs in float32 under bf16 (bf16 scores would be quantised to ~0.004 and tie in the AUROC).
   out = model.heads(feats, model.prompt_table(tmpl)[batch["class_index"]], deterministic=True)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from ssvp_jax import evaluate, trainer
 from ssvp_jax.build import build_model
+from ssvp_jax.data import splits
 from ssvp_jax.models.ssvp import FROZEN, TRAINABLE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,8 +44,8 @@ def data_dir(tmp_path_factory):
   """Demo data written once; runs copy nothing, they point their roots here."""
   wd = str(tmp_path_factory.mktemp("data"))
   c = tiny_config()
-  trainer.prepare_demo_data(c.train_data, os.path.join(wd, "source"))
-  trainer.prepare_demo_data(c.eval_data.target, os.path.join(wd, "target"))
+  splits.prepare_demo_data(c.train_data, os.path.join(wd, "source"))
+  splits.prepare_demo_data(c.eval_data.target, os.path.join(wd, "target"))
   return wd
 
 
@@ -86,7 +87,7 @@ def test_interrupt_and_resume_is_exact(tmp_path, data_dir):
   a, b = flat(full, TRAINABLE), flat(resumed, TRAINABLE)
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
-  records = trainer.read_split(c.eval_data.target, str(tmp_path), "eval_data.target")
+  records = splits.read_split(c.eval_data.target, str(tmp_path), "eval_data.target")
   r1 = evaluate.evaluate_records(full, tok, c, records, "t", None)
   r2 = evaluate.evaluate_records(resumed, tok, c, records, "t", None)
   assert json.dumps(r1, sort_keys=True) == json.dumps(r2, sort_keys=True)
@@ -127,11 +128,11 @@ def test_maskless_anomalous_images_train_the_image_loss_only(tmp_path, caplog):
   import jax
   import ml_collections
   from PIL import Image
-  from ssvp_jax.models.prompts import make_templates
+  from ssvp_jax.models.prompts import templates_for
 
   c = tiny_config()
   model, tok = build_model(c)
-  t = make_templates(tok, ["brick"], model.prompts.n_learnable)
+  t = templates_for(model, tok, ["brick"], c)
   rng = np.random.default_rng(0)
   batch = {"semantic": rng.normal(size=(4, 28, 28, 3)).astype(np.float32),
            "structural": rng.normal(size=(4, 16, 16, 3)).astype(np.float32),

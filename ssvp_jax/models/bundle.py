@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -80,8 +81,6 @@ def assign_params(module: nnx.Module, flat: Mapping[str, np.ndarray], source: st
 
 def save_bundle(out_dir: str, model: str, config: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> None:
   """Writes config.json and weights.safetensors into `out_dir` (created if needed)."""
-  from safetensors.numpy import save_file
-
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump({"model": model, "format_version": FORMAT_VERSION, "config": dict(config)}, f, indent=2)
@@ -94,8 +93,6 @@ def read_bundle(bundle_dir: str, model: str) -> tuple[dict[str, Any], dict[str, 
 
   Raises FileNotFoundError / ValueError naming the folder and what is wrong with it.
   """
-  from safetensors.numpy import load_file
-
   cfg_path = os.path.join(bundle_dir, CONFIG_FILE)
   w_path = os.path.join(bundle_dir, WEIGHTS_FILE)
   if not os.path.isdir(bundle_dir):

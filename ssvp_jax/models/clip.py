@@ -444,7 +444,7 @@ def load_tokenizer(bundle_dir: str):
   Offline, a tokenizer folder transformers cannot read comes back as a placeholder
   of length 2 without an error (TRAPS.md); the length check turns that into one.
   """
-  from transformers import CLIPTokenizer
+  from transformers import CLIPTokenizer  # seconds to import: only where a tokenizer is built
 
   cfg = _read_config(bundle_dir)
   tok_dir = os.path.join(bundle_dir, "tokenizer")
@@ -480,7 +480,7 @@ def clip_tokenizer(merges: Sequence[tuple[str, str]]):
   `<|endoftext|>` (so EOT is the largest id), as OpenAI's SimpleTokenizer builds it.
   Built from in-memory vocab/merges, the form that works offline (TRAPS.md).
   """
-  from transformers import CLIPTokenizer
+  from transformers import CLIPTokenizer  # seconds to import: only where a tokenizer is built
 
   merges = [tuple(m) for m in merges]
   chars = list(bytes_to_unicode().values())

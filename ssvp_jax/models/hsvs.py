@@ -17,13 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssvp_jax.models.layers import LN_EPS, MLP, l2_normalize
+
 FUSIONS = ("atf", "concat")
-LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default, as in both backbones (TRAPS: Flax's is 1e-6).
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / ||x|| along the last axis (eps inside the root keeps the gradient finite at 0)."""
-  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
@@ -38,18 +34,6 @@ def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) ->
 
   out = jax.nn.dot_product_attention(heads(q), heads(k), heads(v))  # scale 1/sqrt(dh) by default
   return out.reshape(*q.shape[:2], -1)
-
-
-class MLP(nnx.Module):
-  """Dense-GELU-Dense (exact erf GELU, as PyTorch's nn.GELU): Eq. 5's MLP; VCPG and VTAM reuse it."""
-
-  def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(in_dim, hidden_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 def _check_pair(f_c: jax.Array, f_d: jax.Array, clip_dim: int, dino_dim: int, who: str) -> None:

@@ -89,6 +89,13 @@ def make_templates(tokenizer, categories: Sequence[str], n_learnable: int, mode:
   return Templates(tuple(categories), ids, eot)
 
 
+def templates_for(model, tokenizer, categories: Sequence[str], config) -> Templates:
+  """`make_templates` for an SSVP `model`: its prompt length and its semantic backbone's text context,
+  and the class words that `config.class_words` names (the one call of training, evaluation and predict)."""
+  return make_templates(tokenizer, categories, model.prompts.n_learnable, config.class_words,
+                        model.semantic.context_length)
+
+
 class PromptLearner(nnx.Module):
   """Eq. 6: shared background tokens and per-prompt state tokens (normal bank first)."""
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssvp_jax.models.hsvs import LN_EPS, MLP, l2_normalize
+from ssvp_jax.models.layers import LN_EPS, MLP, l2_normalize
 
 KL_REDUCTIONS = ("sum", "mean")
 LOG_VAR_RANGE = (-30.0, 20.0)  # D21: exp(log_var) stays finite in float32 and bfloat16

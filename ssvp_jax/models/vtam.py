@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssvp_jax.models.hsvs import MLP, l2_normalize
+from ssvp_jax.models.layers import MLP, l2_normalize
 
 S_GLOBAL_FORMS = ("softmax", "cosine")
 
