@@ -34,7 +34,7 @@ def _child(out_path: str, data_dir: str, work: str) -> None:
   from flax import nnx
 
   sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-  from test_train import tiny_config
+  from helpers.tiny import tiny_config
   from ssvp_jax import evaluate, sharding, trainer
   from ssvp_jax.build import build_model
 
@@ -89,7 +89,7 @@ def _spec(spec, ndim: int) -> list:
 @pytest.fixture(scope="module")
 def child_result(tmp_path_factory):
   sys.path.insert(0, os.path.join(ROOT, "tests"))
-  from test_train import tiny_config
+  from helpers.tiny import tiny_config
   from ssvp_jax import trainer
 
   tmp = tmp_path_factory.mktemp("sharding")
@@ -147,7 +147,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
   from flax import nnx
 
   sys.path.insert(0, os.path.join(ROOT, "tests"))
-  from test_train import tiny_config
+  from helpers.tiny import tiny_config
   from ssvp_jax import functional, optim, trainer
   from ssvp_jax.build import build_model
   from ssvp_jax.models.ssvp import SSVP, TRAINABLE
