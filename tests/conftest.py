@@ -29,7 +29,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory) -> str:
   """A work directory trained with configs/tiny.py, with its demo target data written (once per run)."""
-  return tiny.trained_workdir(tmp_path_factory)
+  return tiny.train_shared_workdir(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,7 @@ def _shared_root(tmp_path_factory) -> str:
   return str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
 
 
-def trained_workdir(tmp_path_factory) -> str:
+def train_shared_workdir(tmp_path_factory) -> str:
   """A work directory trained with configs/tiny.py, with its demo target data written; once per test run."""
   from ssvp_jax import trainer
   root = _shared_root(tmp_path_factory)
