@@ -8,7 +8,7 @@ three elliptical defects each covering 0.2%-15% of the image, smooth float32
 maps from an upsampled patch grid plus a partial response on the defects),
 times `ssvp_jax.metrics.pixel_metrics` stage by stage, reports its peak extra
 memory, and compares AUROC/AP with scikit-learn on the first `--sklearn_maps`
-maps (scikit-learn takes about 0.5 s per 518x518 map on two cores).
+maps (few: scikit-learn is slow at this size, docs/data.md).
 """
 
 from __future__ import annotations

@@ -38,9 +38,8 @@ def get_config():
 
   target.synth.update(num_good=20, num_anomalous=20)  # 160 held-out images: a steadier estimate
 
-  # Heads trained from scratch on random features need far more than the paper's 1e-4/5e-4: with
-  # SPEC's revised defaults, 1e-3/5e-3 (the demo's earlier rates) reached 54.6 / 58.8 held-out
-  # I-/P-AUROC, 1e-2/2e-2 reaches 68.9 / 75.9 (README, "The demo"); 2e-2 for the heads diverges.
+  # Heads trained from scratch on random features need far more than the paper's 1e-4/5e-4
+  # (measured against 1e-3/5e-3 and a diverging 2e-2: docs/fidelity.md, "Learning rates of the demo").
   c.optim.lr, c.optim.lr_prompt = 1e-2, 2e-2
   c.optim.epochs = 15
   c.optim.batch_size = 8
@@ -50,9 +49,8 @@ def get_config():
   # held-out category as a reference bank, 3 seeds; mutual scoring as its own (transductive) row.
   c.reference.shots = 4
   c.reference.mutual = True
-  # Fusion weight measured on this demo (bench/fusion_weight.py, 4 shots, 3 seeds; I-/P-AUROC/PRO):
-  # w=0.25 87.8/87.5/70.3, 0.5 87.1/86.4/80.7, 0.8 85.4/83.4/79.1, 1 (bank only) 83.6/81.3/74.8. The
-  # ViT-B-shaped demo preferred 0.8 (base.py's default; docs/reference_bank.md): each keeps its own.
+  # Fusion weight 0.5: best PRO on this demo, AUROCs within a point of the best; the ViT-B-shaped
+  # demo preferred 0.8 (base.py's default): each keeps its own (measured, docs/reference_bank.md).
   c.reference.weight = 0.5
   c.log_every_steps = 5
   c.checkpoint_every_steps = 50

@@ -85,7 +85,7 @@ def params_digest(module: nnx.Module) -> str:
   """blake2b of every variable of `module` (path, dtype, shape, bytes), in path order.
 
   Hashes the values, not a file name: a re-converted or re-initialised backbone is a new key.
-  About 1 GB/s on one core, i.e. a few seconds for a ViT-L pair, paid once per run.
+  A few seconds for a ViT-L pair, paid once per run (measured, docs/scaling.md "Frozen-feature cache").
   """
   flat = sorted(nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.RngState))), key=lambda kv: str(kv[0]))
   # gathered when sharded over processes

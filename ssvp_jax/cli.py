@@ -43,8 +43,8 @@ def setup() -> None:
   """INFO logs of ssvp_jax on stderr, --max_pixels where defined, and JAX's persistent compilation cache.
 
   Every start builds the model (one small compilation per parameter shape) and compiles the
-  steps; with compilations kept on disk, a second start skips them (demo config: building the
-  model 19.4 s -> 6.2 s). JAX's own settings win: JAX_COMPILATION_CACHE_DIR moves the cache
+  steps; with compilations kept on disk, a second start skips them (measured, docs/scaling.md
+  "Compilation cache"). JAX's own settings win: JAX_COMPILATION_CACHE_DIR moves the cache
   (default ~/.cache/ssvp_jax/xla, or under XDG_CACHE_HOME), JAX_ENABLE_COMPILATION_CACHE=false
   turns it off.
   """

@@ -2,9 +2,9 @@
 
 `nnx.jit` splits its module arguments into a graph definition and arrays, and writes the
 results back into the modules, on every call. That Python work grows with the number of
-Variables: with the demo's ViT-B-sized backbones (549 arrays) one call cost ~150 ms on our
-2-core CPU against 2 ms for the same jitted work called on plain arrays, which made it most
-of a training step on cached features (bench/bench_train.py). Here a module is split once
+Variables: with two backbones' hundreds of arrays it cost far more than the jitted work itself
+and was most of a training step on cached features (measured, docs/scaling.md "Jitted calls
+without nnx.jit"). Here a module is split once
 (`nnx.split`), and every call hands plain pytrees of arrays to one module-level `jax.jit`
 function, whose C++ dispatch flattens them in well under a millisecond. The graph definition
 is a static argument: hashing it costs a few milliseconds per call, and equal graph

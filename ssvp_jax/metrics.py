@@ -16,15 +16,13 @@ Speed: a category of 500 maps of 518x518 (134M pixels) takes seconds. All
 pixel metrics share ONE sort: each pixel becomes a uint64 key, its score's
 order-preserving bit pattern in the high word and its ground-truth region id
 (0 = normal pixel) in the low word, sorted in place by NumPy's vectorised sort
-(about 2 s for 134M keys here, where `np.argsort` on the float32 scores takes
-17 s, a stable argsort 33 s and `jax.lax.sort` on CPU 84 s). The curves are
+(several times faster than `np.argsort` on the float32 scores, a stable argsort
+or `jax.lax.sort` on CPU; measured, docs/data.md "Metrics"). The curves are
 then read off the runs of tied scores that hold anomalous pixels (a few
 percent of all pixels): counts come from positions in the sort, and the
 stretches in between, where only normal pixels pass, are integrated in closed
 form, so no array as long as the number of distinct scores is ever built.
-Measured with `bench/bench_metrics.py`: 13 s for the whole category on two
-busy cores, 1.5 GiB beyond the inputs; scikit-learn's AUROC + AP alone take
-49 s for a fifth of it.
+Time and memory against scikit-learn: `bench/bench_metrics.py` (docs/data.md).
 
 Pixel scores are compared as float32 (what the models produce); image scores
 as float64. A NaN score is an error. A set with a single label (no anomalous or

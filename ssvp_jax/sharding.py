@@ -149,7 +149,7 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...] | None:
 
 
 def param_spec(path: str, shape: Sequence[int], mesh: Mesh) -> P:
-  """The rules' PartitionSpec of the parameter at dotted `path` (e.g. "dino.layers.0.mlp.up.kernel")."""
+  """The rules' PartitionSpec of the parameter at dotted `path` (e.g. "backbones.structural.layers.0.mlp.up.kernel")."""
   names = logical_axes(path, len(shape))
   if names is None:
     raise ValueError(_unmatched_message([f"{path} {tuple(shape)}"]))

@@ -16,7 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from factory_support import REPO, copy_workdir, engine, target_records, trained_workdir  # noqa: F401
+from helpers.tiny import REPO, copy_workdir, target_records
 from ssvp_jax import app, predict, reference
 from ssvp_jax.errors import UserError
 

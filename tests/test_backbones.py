@@ -15,7 +15,7 @@ from ssvp_jax.errors import UserError
 from ssvp_jax.models import clip, dinov2, dinov3, registry
 from ssvp_jax.models.backbone import ROLES, Encoded
 from ssvp_jax.models.ssvp import FROZEN, TRAINABLE
-from test_train import load_config, tiny_config
+from helpers.tiny import load_config, tiny_config
 
 OLD_CONFIG = os.path.join(os.path.dirname(__file__), "fixtures", "old_tiny_config.json")
 

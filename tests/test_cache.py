@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from helpers.tiny import flat, tiny_config, with_data
 from ssvp_jax import cache, trainer
 from ssvp_jax.data import pipeline
 from ssvp_jax.build import build_model
 from ssvp_jax.data.records import Record
-from test_train import data_dir, flat, tiny_config, with_data  # noqa: F401  (data_dir is a fixture)
 from ssvp_jax.models.ssvp import TRAINABLE
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from factory_support import copy_workdir, engine, run_python, target_records, trained_workdir  # noqa: F401
+from helpers.tiny import copy_workdir, run_python, target_records
 from ssvp_jax import calibrate, inference
 from ssvp_jax.data import synth
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
+from helpers.hf_clip import (SENTENCES, VOCAB_SIZE, encode_image, encode_text, encode_text_embeds, hf_model, images,
+                             jax_model, make_tokenizer, to_torch_images)
 from ssvp_jax.models import clip, resize
-from test_clip_support import (SENTENCES, VOCAB_SIZE, encode_image, encode_text, encode_text_embeds, hf_model,
-                               images, jax_model, make_tokenizer, to_torch_images)
 
 torch.set_default_dtype(torch.float32)
 ATOL = 1e-4

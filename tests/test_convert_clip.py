@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from convert import clip as convert_clip
+from helpers.hf_clip import (MERGES, SENTENCES, VOCAB_SIZE, encode_image, encode_text, hf_model, hf_state, images,
+                             make_tokenizer, to_torch_images, write_openai_bpe)
 from ssvp_jax.models import bundle, clip
 from ssvp_jax.models.bundle import WeightLoadError
-from test_clip_support import (MERGES, SENTENCES, VOCAB_SIZE, encode_image, encode_text, hf_model, hf_state,
-                               images, make_tokenizer, to_torch_images, write_openai_bpe)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-4

@@ -12,7 +12,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from convert import dinov2 as conv
-from dinov2_support import TOL, hf_state, images, max_diff, random_hf_model, torch_outputs
+from helpers.hf_dinov2 import random_hf_model
+from helpers.vit import TOL, hf_state, images, max_diff, torch_outputs
 from ssvp_jax.models import dinov2
 from ssvp_jax.models.bundle import WeightLoadError
 

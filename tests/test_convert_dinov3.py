@@ -12,9 +12,10 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from convert import dinov3 as conv
+from helpers.hf_dinov3 import random_hf_model
+from helpers.vit import TOL, hf_state, images, max_diff, torch_outputs
 from ssvp_jax.models import dinov3
 from ssvp_jax.models.bundle import WeightLoadError
-from test_dinov3 import TOL, hf_state, images, max_diff, random_hf_model, torch_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ from PIL import Image
 from ssvp_jax.data import pipeline
 from ssvp_jax.data.records import Record
 from ssvp_jax.models.backbone import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from test_train import load_config
+from helpers.tiny import load_config
 
 RGB = (200, 100, 50)
 

@@ -3,8 +3,8 @@
 import json
 import logging
 
+from helpers.tiny import load_config
 from ssvp_jax import decisions
-from test_train import load_config
 
 
 def test_paper_configs_state_protocol_words_and_every_decision(caplog):

@@ -11,7 +11,8 @@ from flax import nnx
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from convert.dinov2 import hf_config, hf_to_flax
-from dinov2_support import CONFIGS, SIZES, TOL, hf_state, images, max_diff, random_hf_model, torch_outputs
+from helpers.hf_dinov2 import CONFIGS, SIZES, random_hf_model
+from helpers.vit import TOL, hf_state, images, max_diff, torch_outputs
 from ssvp_jax.models import bundle, dinov2
 
 # facebook/dinov2-large and facebook/dinov2-with-registers-giant config.json (architecture fields).

@@ -9,22 +9,9 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTRopePositionEmbedding
 
 from convert.dinov3 import hf_config, hf_to_flax
+from helpers.hf_dinov3 import CONFIGS, SIZES, random_hf_model
+from helpers.vit import TOL, hf_state, images, max_diff, torch_outputs
 from ssvp_jax.models import bundle, dinov3
-
-TOL = 1e-4  # max abs difference allowed, float32
-
-# Small, oddly sized configs (transformers' field names). A: plain MLP; B: gated
-# SiLU MLP (as in the "+" models); C: one head, key bias, no MLP bias, no registers.
-CONFIGS = {
-    "A": dict(hidden_size=60, num_attention_heads=3, num_hidden_layers=3, intermediate_size=100, patch_size=4,
-              num_register_tokens=2, image_size=16),
-    "B": dict(hidden_size=72, num_attention_heads=3, num_hidden_layers=4, intermediate_size=84, patch_size=8,
-              num_register_tokens=3, image_size=32, use_gated_mlp=True, hidden_act="silu"),
-    "C": dict(hidden_size=44, num_attention_heads=1, num_hidden_layers=2, intermediate_size=52, patch_size=4,
-              num_register_tokens=0, image_size=16, key_bias=True, mlp_bias=False),
-}
-# (H, W) per config: the nominal size, a larger square one, a non-square one.
-SIZES = {"A": [(16, 16), (36, 36), (20, 28)], "B": [(32, 32), (48, 48), (40, 24)], "C": [(16, 16), (12, 20)]}
 
 # facebook/dinov3-vitl16-pretrain-lvd1689m config.json (architecture fields).
 VITL16_HF = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
@@ -33,47 +20,11 @@ VITL16_HF = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                  value_bias=True, proj_bias=True, mlp_bias=True, image_size=224)
 
 
-def random_hf_model(name: str, seed: int = 0) -> DINOv3ViTModel:
-  """transformers model with every parameter random: non-zero biases, LayerScale in [0.5, 1.5]."""
-  torch.manual_seed(seed)
-  model = DINOv3ViTModel(DINOv3ViTConfig(**CONFIGS[name])).eval()
-  with torch.no_grad():
-    for n, p in model.named_parameters():
-      if n.endswith("lambda1"):
-        p.uniform_(0.5, 1.5)
-      elif "norm" in n and n.endswith("weight"):
-        p.normal_(1.0, 0.1)
-      else:
-        p.normal_(0.0, 0.1)
-  return model
-
-
-def hf_state(model: DINOv3ViTModel) -> dict[str, np.ndarray]:
-  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
-
-
 def flax_from_hf(model: DINOv3ViTModel) -> dinov3.DINOv3:
   cfg = hf_config(model.config.to_dict())
   flax_model = dinov3.DINOv3(cfg, rngs=nnx.Rngs(1))
   bundle.assign_params(flax_model, hf_to_flax(hf_state(model), cfg))
   return flax_model
-
-
-def images(shape, batch=2, seed=0) -> np.ndarray:
-  """Normalised-looking NHWC float32 images."""
-  return np.random.default_rng(seed).standard_normal((batch, *shape, 3)).astype(np.float32)
-
-
-def torch_outputs(model: DINOv3ViTModel, x_nhwc: np.ndarray):
-  with torch.no_grad():
-    out = model(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2)), output_hidden_states=True)
-  return [h.numpy() for h in out.hidden_states], out.last_hidden_state.numpy()
-
-
-def max_diff(a, b) -> float:
-  a, b = np.asarray(a), np.asarray(b)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return float(np.abs(a - b).max())
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

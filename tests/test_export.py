@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory_support import copy_workdir, engine, run_python, target_records, trained_workdir  # noqa: F401
+from helpers.tiny import copy_workdir, run_python, target_records
 from ssvp_jax import export, jaxexport_runner, predict
 from ssvp_jax.data import pipeline
 

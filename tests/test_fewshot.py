@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from factory_support import run_python, tiny_config, trained_workdir  # noqa: F401
+from helpers.tiny import run_python, tiny_config
 from ssvp_jax import evaluate, fewshot
 
 

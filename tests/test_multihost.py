@@ -17,7 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from test_train import flat, tiny_config  # noqa: E402
+from helpers.tiny import flat, tiny_config  # noqa: E402
 
 OVERRIDES = {"optim.epochs": 1, "optim.warmup_frac": 0.0, "optim.lr": 3e-3, "optim.lr_prompt": 3e-3}
 

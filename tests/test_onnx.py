@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from factory_support import REPO, copy_workdir, engine, run_python, target_records, trained_workdir  # noqa: F401
+from helpers.tiny import REPO, copy_workdir, run_python, target_records
 from ssvp_jax import onnx_export, predict
 
 pytest.importorskip("jax2onnx")

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory_support import copy_workdir, engine, magenta_pixels, run_python, target_records  # noqa: F401
-from factory_support import trained_workdir  # noqa: F401
+from helpers.tiny import copy_workdir, magenta_pixels, run_python, target_records
 from ssvp_jax import evaluate, inference, predict
 
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from factory_support import copy_workdir, engine, target_records, tiny_config, trained_workdir  # noqa: F401
+from helpers.tiny import copy_workdir, target_records, tiny_config
 from ssvp_jax import calibrate, export, fewshot, inference, jaxexport_runner, predict, reference
 from ssvp_jax.data import datasets
 

@@ -22,11 +22,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from helpers.tiny import tiny_config
 from ssvp_jax import cache, checkpoint, errors, evaluate, fileio, resume, trainer, validate
 from ssvp_jax.data import pipeline, splits, synth
 from ssvp_jax.data.common import DatasetError
 from ssvp_jax.models.ssvp import TRAINABLE
-from test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -34,7 +34,7 @@ def _child(out_path: str, data_dir: str, work: str) -> None:
   from flax import nnx
 
   sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-  from test_train import tiny_config
+  from helpers.tiny import tiny_config
   from ssvp_jax import evaluate, sharding, trainer
   from ssvp_jax.build import build_model
   from ssvp_jax.data import splits
@@ -90,7 +90,7 @@ def _spec(spec, ndim: int) -> list:
 @pytest.fixture(scope="module")
 def child_result(tmp_path_factory):
   sys.path.insert(0, os.path.join(ROOT, "tests"))
-  from test_train import tiny_config
+  from helpers.tiny import tiny_config
   from ssvp_jax.data import splits
 
   tmp = tmp_path_factory.mktemp("sharding")
@@ -160,7 +160,7 @@ def test_every_parameter_of_two_or_more_dimensions_has_a_rule():
   from flax import nnx
 
   sys.path.insert(0, os.path.join(ROOT, "tests"))
-  from test_train import tiny_config
+  from helpers.tiny import tiny_config
   from ssvp_jax import sharding
   from ssvp_jax.build import build_model
   from ssvp_jax.models import dinov2, dinov3
@@ -238,7 +238,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
   from flax import nnx
 
   sys.path.insert(0, os.path.join(ROOT, "tests"))
-  from test_train import tiny_config
+  from helpers.tiny import tiny_config
   from ssvp_jax import functional, optim, trainer
   from ssvp_jax.build import build_model
   from ssvp_jax.models.prompts import templates_for

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers.tiny import load_config
 from ssvp_jax.models import clip as clip_lib
 from ssvp_jax.models import dinov3 as dinov3_lib
 from ssvp_jax.models.ssvp import FROZEN, SSVP, TRAINABLE
-from test_train import load_config
 
 def count(module, filt):
   return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(module, filt)))

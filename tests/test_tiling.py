@@ -7,7 +7,6 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
-from factory_support import engine, trained_workdir  # noqa: F401
 from ssvp_jax import inference, predict, tiling
 
 

@@ -1,58 +1,17 @@
 """The real training loop on the tiny config: loss falls, only the heads change, resume is exact."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
-from flax import nnx
 
+from helpers.tiny import flat, tiny_config, with_data
 from ssvp_jax import evaluate, trainer
 from ssvp_jax.build import build_model
 from ssvp_jax.data import splits
 from ssvp_jax.models.ssvp import FROZEN, TRAINABLE
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name, **overrides):
-  """`configs/<name>.py`'s get_config() with {"dotted.key": value} overrides (the tests' one loader)."""
-  spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  for key, value in overrides.items():
-    *sections, field = key.split(".")
-    target = c
-    for s in sections:
-      target = target[s]
-    target[field] = value
-  return c
-
-
-def tiny_config(**overrides):
-  return load_config("tiny", **overrides)
-
-
-def flat(model, filt):
-  return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, filt))}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """Demo data written once; runs copy nothing, they point their roots here."""
-  wd = str(tmp_path_factory.mktemp("data"))
-  c = tiny_config()
-  splits.prepare_demo_data(c.train_data, os.path.join(wd, "source"))
-  splits.prepare_demo_data(c.eval_data.target, os.path.join(wd, "target"))
-  return wd
-
-
-def with_data(c, data_dir):
-  c.train_data.root = os.path.join(data_dir, "source")
-  c.eval_data.target.root = os.path.join(data_dir, "target")
-  return c
 
 
 def test_loss_falls_and_only_heads_change(tmp_path, data_dir):

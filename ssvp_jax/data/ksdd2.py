@@ -4,8 +4,8 @@
     <root>/test/NNNNN.png   <root>/test/NNNNN_GT.png
 
 Every image has a `_GT` mask; negatives have an all-zero one. An image is positive when
-its mask has any pixel > 0, so reading a split decodes every mask once (about 1 ms each,
-3,335 masks in all). Negatives get mask_path None, like normal images everywhere else.
+its mask has any pixel > 0, so reading a split decodes every mask once (3,335 masks, a few
+seconds: docs/data.md). Negatives get mask_path None, like normal images everywhere else.
 
 Protocols (ssvp_jax/data/protocols.py): "full" keeps every image of the split; "bayes_pfl" (the
 paper configs) keeps every positive and only as many negatives (the first by file name), as

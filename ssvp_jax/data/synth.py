@@ -61,7 +61,7 @@ def _save(img: np.ndarray, path: str, gray: bool) -> None:
   if path.lower().endswith((".jpg", ".jpeg")):
     im.save(path, quality=95)
   elif path.lower().endswith(".png"):
-    im.save(path, compress_level=1)  # 3x faster than the default on noisy images; still lossless
+    im.save(path, compress_level=1)  # much faster than the default on noisy images, still lossless (docs/data.md)
   else:
     im.save(path)
 

@@ -2,13 +2,12 @@
 
 On GPU/TPU `jax.nn.dot_product_attention` lets XLA pick its fused kernels (cuDNN flash
 attention on NVIDIA). On CPU in jax 0.10.2 it lowers to batched dots over [B, H] and a
-softmax over the whole [B, H, T, S] logits; at ViT-L/14 518 px (1370 tokens) that took
-about 2 s per layer on our 2-core CPU against 0.4 s for PyTorch's flash kernel, which made
-attention most of the gap between the two frameworks. The "per_head" form maps over the
-B*H heads with `lax.map` (one small loop, not an unrolled graph): per head two plain 2-D
-matmuls, which XLA's CPU runtime runs multithreaded, with the [T, S] logits small enough to
-stay in cache, and the softmax normalisation applied to the [T, Dh] output instead of the
-[T, S] probabilities. About 3x faster than the default on that CPU (bench/bench_backbones.py).
+softmax over the whole [B, H, T, S] logits; at ViT-L/14 518 px (1370 tokens) that made
+attention most of the gap to PyTorch's flash kernel (measured, docs/scaling.md). The "per_head"
+form maps over the B*H heads with `lax.map` (one small loop, not an unrolled graph): per head two
+plain 2-D matmuls, which XLA's CPU runtime runs multithreaded, with the [T, S] logits small enough
+to stay in cache, and the softmax normalisation applied to the [T, Dh] output instead of the
+[T, S] probabilities. Several times faster than the default there (same page).
 """
 
 from __future__ import annotations

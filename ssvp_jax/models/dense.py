@@ -1,9 +1,9 @@
 """The backbones' dense layers: `nnx.Linear` whose low-precision matmuls accumulate in float32.
 
-XLA's CPU backend runs a bfloat16 x bfloat16 -> bfloat16 matmul on a slow path (~200 GFLOP/s on
-our 2-core Sapphire Rapids at ViT-L's MLP shape) but bfloat16 x bfloat16 -> float32 on its fast
-one (900-1400 GFLOP/s, AMX): asking for float32 accumulation and casting back made a bf16 ViT-L/14
-forward 1.8x faster there, while activations stay bfloat16. GPU matmul libraries accumulate
+XLA's CPU backend runs a bfloat16 x bfloat16 -> bfloat16 matmul on a slow path but bfloat16 x
+bfloat16 -> float32 on its fast one (AMX where the CPU has it): asking for float32 accumulation and
+casting back makes a bf16 ViT forward faster on such CPUs (measured, docs/scaling.md "bfloat16 on
+this CPU"), while activations stay bfloat16. GPU matmul libraries accumulate
 bf16 products in float32 anyway, so elsewhere the dot is left exactly as `nnx.Linear` writes it,
 and float32 inputs are never touched. Parameter names and shapes are `nnx.Linear`'s.
 """

@@ -1,12 +1,14 @@
-"""Shared by test_predict, test_calibrate and test_export: one tiny trained work directory per test run.
+"""The tiny config (configs/tiny.py) and what tests build from it: its demo data, one trained work directory.
 
-Training (configs/tiny.py, a few seconds of steps) happens once per run even under pytest-xdist: the
-first worker trains under a file lock in the run's shared temporary folder, the others reuse it.
+Training (a few seconds of steps) happens once per test run even under pytest-xdist: the first worker
+trains under a file lock in the run's shared temporary folder, the others reuse it (the `trained_workdir`
+fixture in conftest.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -14,10 +16,49 @@ import sys
 
 import filelock
 import numpy as np
-import pytest
-from test_train import tiny_config
+from flax import nnx
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_config(name, **overrides):
+  """`configs/<name>.py`'s get_config() with {"dotted.key": value} overrides (the tests' one loader)."""
+  spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(REPO, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  for key, value in overrides.items():
+    *sections, field = key.split(".")
+    target = c
+    for s in sections:
+      target = target[s]
+    target[field] = value
+  return c
+
+
+def tiny_config(**overrides):
+  return load_config("tiny", **overrides)
+
+
+def flat(model, filt):
+  """{"dotted.path": array} of the model's variables that `filt` selects."""
+  return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, filt))}
+
+
+def write_demo_data(root: str) -> str:
+  """The tiny config's demo source and target data under ROOT/source and ROOT/target; returns ROOT."""
+  from ssvp_jax.data import splits
+  c = tiny_config()
+  splits.prepare_demo_data(c.train_data, os.path.join(root, "source"))
+  splits.prepare_demo_data(c.eval_data.target, os.path.join(root, "target"))
+  return root
+
+
+def with_data(c, data_dir):
+  """Points the config's source and target roots at write_demo_data's folders."""
+  c.train_data.root = os.path.join(data_dir, "source")
+  c.eval_data.target.root = os.path.join(data_dir, "target")
+  return c
 
 
 def _shared_root(tmp_path_factory) -> str:
@@ -26,9 +67,8 @@ def _shared_root(tmp_path_factory) -> str:
   return str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
 
 
-@pytest.fixture(scope="session")
-def trained_workdir(tmp_path_factory) -> str:
-  """A work directory trained with configs/tiny.py, with its demo target data written."""
+def train_shared_workdir(tmp_path_factory) -> str:
+  """A work directory trained with configs/tiny.py, with its demo target data written; once per test run."""
   from ssvp_jax import trainer
   from ssvp_jax.data import splits
   root = _shared_root(tmp_path_factory)
@@ -41,12 +81,6 @@ def trained_workdir(tmp_path_factory) -> str:
       splits.read_split(config.eval_data.target, workdir, "eval_data.target")  # writes the demo target data
       open(os.path.join(workdir, "READY"), "w").close()
   return workdir
-
-
-@pytest.fixture(scope="session")
-def engine(trained_workdir):
-  from ssvp_jax import inference
-  return inference.load_engine(trained_workdir)
 
 
 def copy_workdir(workdir: str, dest: str) -> str:

@@ -1,5 +1,5 @@
-"""Shared builders for the CLIP tests (no tests here): a tiny offline tokenizer and a
-randomly initialised transformers CLIPModel of odd sizes, plus the matching JAX model."""
+"""A tiny offline CLIP tokenizer and a randomly initialised transformers CLIPModel of odd sizes, plus the
+matching JAX model (test_clip and test_convert_clip)."""
 
 from __future__ import annotations
 
