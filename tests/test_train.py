@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from helpers.tiny import flat, tiny_config, with_data
 from ssvp_jax import evaluate, trainer
