@@ -4,23 +4,32 @@ fraction of the machine's matmul peak, measured in the same run.
     .venv/bin/python bench/bench_inference.py                  # full size: ViT-L/14 @518 + ViT-L/16 @592
     .venv/bin/python bench/bench_inference.py --small          # the demo config's random backbones
     .venv/bin/python bench/bench_inference.py --smoke          # the tiny config (a test of the script)
-    .venv/bin/python bench/bench_inference.py --small --engines jax,onnxruntime,torch --reps 5   # engines
-    .venv/bin/python bench/bench_inference.py --smoke --engines all   # with OpenVINO (21 GB at demo size)
+    .venv/bin/python bench/bench_inference.py --vitb --engines jax,onnxruntime,torch --reps 10   # engines
+    .venv/bin/python bench/bench_inference.py --small --engines jax,onnxruntime/spin=0,torch --reps 15
+    .venv/bin/python bench/bench_inference.py --smoke --engines all
 
 --engines (issue 14) times the whole inference function of the artifacts (`export.inference_function`:
 resizing, both backbones, heads, map, scores; images [b, S, S, 3] in) on each engine, same weights
 (seeded random), same images, same threads:
   jax            the function jitted (what predict and the .jaxexport artifact run)
-  onnxruntime    its ONNX conversion (onnx_export), CPU provider, all graph optimisations
+  onnxruntime    its ONNX conversion (onnx_export), CPU provider, onnx_runner.OnnxModel's settings
   openvino_f32   the same ONNX file, OpenVINO CPU, INFERENCE_PRECISION_HINT=f32
   openvino_bf16  the same, INFERENCE_PRECISION_HINT=bf16 (AMX where the CPU has it)
+  openvino_int8  the same after NNCF post-training int8 quantization (calibrated on 4 of the random images)
+  openvino_w8    the same after NNCF int8 weight compression (float activations)
   torch          transformers' PyTorch CLIP vision tower + DINOv3 of the same shapes, backbones only
-                 (no resizing, heads or map: a lower bound for any PyTorch SSVP), random weights
-Each engine runs in its own subprocess, one after another: runtimes loaded in one process disturb
-each other (their thread pools; onnxruntime ran 3x slower after JAX in the same process), and only
-one copy of the weights is in memory at a time. One table: images/s, the ratio to JAX, and each
-engine's largest difference from JAX on the score and the map (same images); the load average after
-each engine is printed. Memory: OpenVINO's compile of the demo-size model peaked at 21 GB here.
+                 (no resizing, heads or map: a lower bound for any PyTorch SSVP), seeded random weights
+An engine may carry settings, NAME/KEY=VALUE/... (ENGINE_OPTIONS), and appear several times with
+different ones: onnxruntime/spin=0 (no spin-waiting worker threads), onnxruntime/opt=basic,
+onnxruntime/threads=1, jax/xla=--xla_cpu_use_onednn=true (XLA_FLAGS of its process), ...
+Each engine runs in its own process (runtimes loaded in one process disturb each other's thread pools;
+onnxruntime ran 3x slower after JAX in the same process). All are built first, then timed in rounds:
+each engine one step per round in turn, the others blocked on their pipe, so a slowdown of the shared
+machine falls on all alike; "vs PyTorch" / "vs JAX" are medians over the rounds of the ratio within a
+round. One table: images/s, the ratios, each engine's largest difference from JAX on the score and the
+map (same images), and its peak resident memory. --max_rss_gb bounds the engine processes' memory
+together (OpenVINO's compile of a ViT-B-sized model took 21 GB here): one that passes it is killed and
+its row says so.
 
 Full size builds both ViT-L backbones with random weights (the bundle format's modules, no
 download; speed does not depend on the values) and fresh heads from `configs/base.py`. The
@@ -226,7 +235,7 @@ ENGINE_OPTIONS = {  # NAME/key=value/...: the settings each engine takes besides
     "openvino_bf16": {"hint": "PERFORMANCE_HINT (LATENCY|THROUGHPUT)"},
     "openvino_int8": {"hint": "PERFORMANCE_HINT (LATENCY|THROUGHPUT)"},
     "openvino_w8": {"hint": "PERFORMANCE_HINT (LATENCY|THROUGHPUT)"},
-    "torch": {},
+    "torch": {"omp": "OMP_WAIT_POLICY for its process (PASSIVE: OpenMP threads sleep instead of spinning)"},
 }
 
 
@@ -300,7 +309,7 @@ def make_engine(args: argparse.Namespace, spec: str, threads: int, onnx_path: st
     size = int(onnx.load(onnx_path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1].dim_value)
     images = bench_images(args.batch, size)
     run = common.openvino_int8(onnx_path, bench_images(4, size), threads, weights_only=name == "openvino_w8",
-                               options=onnx_options(name, opts))
+                               options=onnx_options(name, opts), batch=args.batch)
     return "whole function, ONNX + NNCF", lambda: run(images)
   engine_name, precision = ("onnxruntime", "f32") if name == "onnxruntime" else ("openvino", name.split("_")[1])
   m = OnnxModel(onnx_path, engine_name, precision, threads, onnx_options(name, opts))
@@ -377,6 +386,8 @@ def measure_engines(args: argparse.Namespace, threads: int) -> list[dict]:
         env = dict(os.environ)
         if "xla" in opts:
           env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *opts["xla"].split("+")]).strip()
+        if "omp" in opts:
+          env["OMP_WAIT_POLICY"] = opts["omp"]
         n = int(opts.get("threads", threads))
         child = common.Child(child_argv(args, n, spec, onnx_path, os.path.join(tmp, f"{i}.npz")), env, guard)
         try:

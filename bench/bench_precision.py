@@ -68,7 +68,7 @@ def records(root: str, split: str):
   return by
 
 
-def engine_makers(threads: int):
+def engine_makers(threads: int, batch: int):
   """{engine: make(onnx_path, calibration images, jax engine, size) -> run(images) -> {"map", "score", ...}}."""
   import jax
 
@@ -84,7 +84,8 @@ def engine_makers(threads: int):
     return lambda path, calib, engine, size: OnnxModel(path, engine_name, precision, threads)
 
   def int8(weights_only):
-    return lambda path, calib, engine, size: common.openvino_int8(path, calib, threads, weights_only=weights_only)
+    return lambda path, calib, engine, size: common.openvino_int8(path, calib, threads, weights_only=weights_only,
+                                                                  batch=batch)
 
   return {"jax": make_jax, "onnxruntime": onnx("onnxruntime", "f32"), "openvino_f32": onnx("openvino", "f32"),
           "openvino_bf16": onnx("openvino", "bf16"), "openvino_int8": int8(False), "openvino_w8": int8(True)}
@@ -125,8 +126,9 @@ def main(argv=None):
   print(f"# SSVP engines' accuracy on held-out images, {'tiny random model' if args.smoke else args.workdir}; "
         f"{common.machine()}")
   print(f"# {common.load_avg()} (start)")
-  makers = engine_makers(threads)
+  makers = engine_makers(threads, args.batch)
   results = {e: {} for e in args.engines}  # engine -> category -> (I-AUROC, P-AUROC, max |d score|, s/img)
+  failed = {}  # engine -> the first error
   with tempfile.TemporaryDirectory() as tmp:
     if args.smoke:
       engine_for, root = smoke_setup(tmp)
@@ -151,7 +153,14 @@ def main(argv=None):
                         else np.zeros((size, size), bool) for r in recs])
       ref = None
       for e in args.engines:
-        maps, scores, secs = score(makers[e](path, calib, engine, size), images, args.batch)
+        try:
+          maps, scores, secs = score(makers[e](path, calib, engine, size), images, args.batch)
+        except Exception as err:  # noqa: BLE001  (a runtime that cannot compile the model: a row, not the end)
+          if e == "jax":
+            raise
+          failed.setdefault(e, f"{category}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+          print(f"# {category} {e}: FAILED {failed[e]}", flush=True)
+          continue
         ref = (maps, scores) if e == "jax" else ref
         results[e][category] = (metrics.image_metrics(labels, scores)["auroc"],
                                 metrics.pixel_metrics(masks, maps)["auroc"],
@@ -159,15 +168,17 @@ def main(argv=None):
                                 secs / len(images))
         print(f"# {category} {e}: I-AUROC {100 * results[e][category][0]:.2f}, "
               f"P-AUROC {100 * results[e][category][1]:.2f}", flush=True)
-  return report(results)
+  return report(results, failed)
 
 
-def report(results: dict) -> list[dict]:
+def report(results: dict, failed: dict) -> list[dict]:
   """One row per engine: mean I-/P-AUROC over the categories, change from JAX, largest differences."""
   import numpy as np
   rows = []
   mean = lambda e, k: float(np.mean([v[k] for v in results[e].values()]))
-  for e in results:
+  for e in failed:
+    print(f"# {e} FAILED ({failed[e]}); its row is over the categories it scored")
+  for e in [e for e in results if results[e]]:
     rows.append(dict(engine=e, i_auroc=mean(e, 0), p_auroc=mean(e, 1), d_i=mean(e, 0) - mean("jax", 0),
                      d_p=mean(e, 1) - mean("jax", 1), d_score=max(v[2] for v in results[e].values()),
                      d_map=max(v[3] for v in results[e].values()), s_img=mean(e, 4)))

@@ -407,27 +407,42 @@ class Child:
 
 
 def openvino_int8(onnx_path: str, calibration, threads: int | None = None, weights_only: bool = False,
-                  options: dict | None = None) -> Callable:
-  """run(images [b, S, S, 3]) -> {output: array} of the ONNX model on OpenVINO's CPU plugin in int8.
+                  options: dict | None = None, batch: int = 1) -> Callable:
+  """run(images [n, S, S, 3]) -> {output: array} of the ONNX model on OpenVINO's CPU plugin in int8.
 
   weights_only=False: NNCF post-training quantization (`nncf.quantize`, transformer preset: int8
-  weights and activations of the matmuls) calibrated on `calibration` [n, S, S, 3], one image at a
-  time. weights_only=True: `nncf.compress_weights` (int8 weights, float activations; needs no data).
-  Everything NNCF leaves in float runs in float32 (INFERENCE_PRECISION_HINT=f32), so the change from
-  float32 is the int8 part alone.
+  weights and activations of the matmuls) calibrated on `calibration` [m, S, S, 3]. weights_only=True:
+  `nncf.compress_weights` (int8 weights, float activations; needs no data). Everything NNCF leaves in
+  float runs in float32 (INFERENCE_PRECISION_HINT=f32), so the change from float32 is the int8 part.
+  The model is fixed to batch `batch` first: with the dynamic batch axis, OpenVINO 2026.4's
+  low-precision ReshapeTransformation fails to compile the quantized demo model ("Requested output
+  shape [1,197,1,1] is incompatible with input shape"). Calls run in chunks of `batch` (the last padded).
   """
   import nncf
   import numpy as np
   import openvino as ov
   core = ov.Core()
   model = core.read_model(onnx_path)
+  size = int(calibration.shape[1])
+  model.reshape({"images": [batch, size, size, 3]})
+
+  def chunks(x):
+    n = len(x)
+    padded = np.concatenate([x, x[:(-n) % batch]]) if n % batch else x
+    return [np.ascontiguousarray(padded[i:i + batch], np.float32) for i in range(0, len(padded), batch)], n
+
   if weights_only:
     model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
   else:
-    items = [np.ascontiguousarray(calibration[i:i + 1], np.float32) for i in range(len(calibration))]
+    items, _ = chunks(np.resize(calibration, (max(len(calibration), batch),) + calibration.shape[1:]))
     model = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER)
   config = {"INFERENCE_PRECISION_HINT": "f32", **(options or {})}
   if threads:
     config["INFERENCE_NUM_THREADS"] = threads
   request = core.compile_model(model, "CPU", config).create_infer_request()
-  return lambda x: {k.get_any_name(): np.array(v) for k, v in request.infer({"images": x}).items()}
+
+  def run(x):
+    parts, n = chunks(np.asarray(x))
+    outs = [{k.get_any_name(): np.array(v) for k, v in request.infer({"images": c}).items()} for c in parts]
+    return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+  return run

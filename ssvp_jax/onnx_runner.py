@@ -15,7 +15,8 @@ or from Python:
 
 The CSV (path, score, decision, max_value) and the input conventions are those of
 `jaxexport_runner.py`. Engines:
-  onnxruntime  CPU execution provider, all graph optimisations.
+  onnxruntime  CPU execution provider, all graph optimisations. On a busy CPU, small models run faster
+               with options={"session.intra_op.allow_spinning": "0"} (docs/deployment.md).
   openvino     CPU plugin. Its default on AMX-capable CPUs is bfloat16 even for a float32 model, so
                --precision f32 (the default) sets INFERENCE_PRECISION_HINT=f32 for float32 results;
                --precision bf16 asks for bfloat16 (faster, scores differ by ~1e-2).
@@ -42,7 +43,6 @@ ENGINES = ("onnxruntime", "openvino")
 PRECISIONS = ("f32", "bf16")
 OUTPUTS = ("map", "score", "s_global", "s_local")
 ORT_LEVELS = {"disable": "DISABLE_ALL", "basic": "ENABLE_BASIC", "extended": "ENABLE_EXTENDED", "all": "ENABLE_ALL"}
-ORT_DEFAULTS: dict[str, str] = {}  # session config entries set unless `options` overrides them
 
 
 class OnnxModel(Artifact):
@@ -86,7 +86,7 @@ class OnnxModel(Artifact):
       opts.intra_op_num_threads = threads
     if "inter_op_num_threads" in options:
       opts.inter_op_num_threads = int(options.pop("inter_op_num_threads"))
-    for key, value in {**ORT_DEFAULTS, **options}.items():
+    for key, value in options.items():
       opts.add_session_config_entry(key, str(value))
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     self.meta = json.loads(session.get_modelmeta().custom_metadata_map.get("ssvp_jax", "{}"))
