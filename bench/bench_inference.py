@@ -406,11 +406,8 @@ def measure_engines(args: argparse.Namespace, threads: int) -> list[dict]:
           time.sleep(0.05)  # threads that spin-wait after a call (onnxruntime's) are done before the next
           res[spec]["times"] += children[spec].run(1)
     finally:
-      for c in children.values():
-        res_peak = c.close()
-        for spec, cc in children.items():
-          if cc is c and spec in res:
-            res[spec]["peak_gb"] = res_peak
+      for spec, c in children.items():
+        res[spec]["peak_gb"] = c.close()
   return report(args, specs, res, failed)
 
 
