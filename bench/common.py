@@ -293,3 +293,156 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
   for r in rows:
     print("| " + " | ".join(str(c) for c in r) + " |")
   sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- engine processes
+
+
+class ChildFailed(RuntimeError):
+  """An engine process died, was killed by the memory guard, or broke the protocol."""
+
+
+def rss_gb(pid: int, field: str = "VmRSS") -> float:
+  """Resident (VmRSS) or peak resident (VmHWM) memory of a process in GB; 0 when it is gone."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) / 1e6
+  except OSError:
+    pass
+  return 0.0
+
+
+class MemoryGuard:
+  """Holds the resident memory of the engine processes together under `limit_gb`: while one of them is
+  busy, a thread polls it and kills it when it and the others pass the limit (OpenVINO's compile of
+  the demo-size model once took 21 GB)."""
+
+  def __init__(self, limit_gb: float):
+    self.limit_gb, self.pids = limit_gb, set()
+
+  def others_gb(self, pid: int) -> float:
+    return sum(rss_gb(p) for p in self.pids if p != pid)
+
+  @contextlib.contextmanager
+  def watch(self, proc):
+    import threading
+    stop, killed = threading.Event(), []
+
+    def poll():
+      while not stop.wait(0.1):
+        used = rss_gb(proc.pid) + self.others_gb(proc.pid)
+        if used > self.limit_gb:
+          killed.append(used)
+          proc.kill()
+          return
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+      yield killed
+    finally:
+      stop.set()
+      t.join()
+
+
+class Child:
+  """An engine process that speaks a line protocol on its stdin/stdout: "ready" once built, then
+  "run N" -> a JSON list of N step times, anything else ends it (bench_inference.serve)."""
+
+  def __init__(self, argv: list[str], env: dict | None, guard: MemoryGuard):
+    import subprocess
+    self.guard = guard
+    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    guard.pids.add(self.proc.pid)
+    self.peak_gb = None
+
+  def _ask(self, line: str | None) -> str:
+    with self.guard.watch(self.proc) as killed:
+      try:
+        if line is not None:
+          self.proc.stdin.write(line + "\n")
+          self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+      except (BrokenPipeError, OSError):
+        answer = ""
+    if not answer:
+      self.proc.wait()
+      if killed:
+        raise ChildFailed(f"killed by the memory guard at {killed[0]:.1f} GB (all engine processes, "
+                          f"limit {self.guard.limit_gb:g} GB)")
+      raise ChildFailed(f"the process ended (exit status {self.proc.returncode}; its error is above)")
+    return answer.strip()
+
+  def ready(self) -> None:
+    if self._ask(None) != "ready":
+      raise ChildFailed("the process said something other than 'ready'")
+
+  def run(self, n: int) -> list[float]:
+    import json
+    return json.loads(self._ask(f"run {n}"))
+
+  def close(self) -> float | None:
+    """Ends the process; returns its peak resident memory in GB (VmHWM) when it was still there."""
+    if self.proc.poll() is None:
+      self.peak_gb = rss_gb(self.proc.pid, "VmHWM") or None
+      try:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+      except (BrokenPipeError, OSError):
+        pass
+      try:
+        self.proc.wait(timeout=60)
+      except Exception:  # noqa: BLE001
+        self.proc.kill()
+        self.proc.wait()
+    self.guard.pids.discard(self.proc.pid)
+    return self.peak_gb
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def openvino_int8(onnx_path: str, calibration, threads: int | None = None, weights_only: bool = False,
+                  options: dict | None = None, batch: int = 1) -> Callable:
+  """run(images [n, S, S, 3]) -> {output: array} of the ONNX model on OpenVINO's CPU plugin in int8.
+
+  weights_only=False: NNCF post-training quantization (`nncf.quantize`, transformer preset: int8
+  weights and activations of the matmuls) calibrated on `calibration` [m, S, S, 3]. weights_only=True:
+  `nncf.compress_weights` (int8 weights, float activations; needs no data). Everything NNCF leaves in
+  float runs in float32 (INFERENCE_PRECISION_HINT=f32), so the change from float32 is the int8 part.
+  The model is fixed to batch `batch` first: with the dynamic batch axis, OpenVINO 2026.4's
+  low-precision ReshapeTransformation fails to compile the quantized demo model ("Requested output
+  shape [1,197,1,1] is incompatible with input shape"). Calls run in chunks of `batch` (the last padded).
+  """
+  import nncf
+  import numpy as np
+  import openvino as ov
+  core = ov.Core()
+  model = core.read_model(onnx_path)
+  size = int(calibration.shape[1])
+  model.reshape({"images": [batch, size, size, 3]})
+
+  def chunks(x):
+    n = len(x)
+    padded = np.concatenate([x, x[:(-n) % batch]]) if n % batch else x
+    return [np.ascontiguousarray(padded[i:i + batch], np.float32) for i in range(0, len(padded), batch)], n
+
+  if weights_only:
+    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+  else:
+    items, _ = chunks(np.resize(calibration, (max(len(calibration), batch),) + calibration.shape[1:]))
+    model = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER)
+  config = {"INFERENCE_PRECISION_HINT": "f32", **(options or {})}
+  if threads:
+    config["INFERENCE_NUM_THREADS"] = threads
+  request = core.compile_model(model, "CPU", config).create_infer_request()
+
+  def run(x):
+    parts, n = chunks(np.asarray(x))
+    outs = [{k.get_any_name(): np.array(v) for k, v in request.infer({"images": c}).items()} for c in parts]
+    return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+  return run

@@ -63,15 +63,58 @@ def test_inference_smoke(capsys):
 
 
 def test_inference_engines_smoke(capsys):
-  pytest.importorskip("onnxruntime")
-  pytest.importorskip("openvino")
-  pytest.importorskip("jax2onnx")
-  rows = bench_inference.main(["--smoke", "--engines", "all"])
+  """Each engine in its own process, interleaved rounds; settings per engine; parity with JAX."""
+  for mod in ("onnxruntime", "openvino", "jax2onnx", "nncf"):
+    pytest.importorskip(mod)
+  specs = ["jax", "onnxruntime/spin=0/opt=basic", "openvino_f32", "openvino_int8", "torch"]
+  rows = bench_inference.main(["--smoke", "--engines", ",".join(specs)])
   by = {r["engine"]: r for r in rows}
-  assert sorted(by) == sorted(bench_inference.ENGINES) and all(r["ips"] > 0 for r in rows)
-  assert by["onnxruntime"]["d_score"] < 1e-4 and by["openvino_f32"]["d_map"] < 1e-4  # float32 parity
-  assert by["torch"]["d_score"] is None and by["jax"]["vs_jax"] == 1.0
+  assert list(by) == specs and all(r["ips"] > 0 and len(r["times"]) == 3 and r["peak_gb"] > 0 for r in rows)
+  assert by[specs[1]]["d_score"] < 1e-4 and by["openvino_f32"]["d_map"] < 1e-4  # float32 parity
+  assert 0 < by["openvino_int8"]["d_map"] < 0.5  # int8 differs, but computes the same map
+  assert by["torch"]["d_score"] is None and by["jax"]["vs_jax"] == 1.0 and by["torch"]["vs_torch"] == 1.0
+  assert by["jax"]["vs_torch"] == pytest.approx(common.median(
+      [t / j for t, j in zip(by["torch"]["times"], by["jax"]["times"])]))
   assert "(own process)" in capsys.readouterr().out
+
+
+def test_engine_specs():
+  assert bench_inference.parse_engine("onnxruntime/spin=0/inter=2") == ("onnxruntime", {"spin": "0", "inter": "2"})
+  assert bench_inference.onnx_options("onnxruntime", {"spin": "0", "opt": "basic", "threads": "1"}) == {
+      "session.intra_op.allow_spinning": "0", "graph_optimization_level": "basic"}
+  with pytest.raises(ValueError, match="unknown engine 'tensorrt'"):
+    bench_inference.parse_engine("tensorrt")
+  with pytest.raises(ValueError, match="'spin=0' is not KEY=VALUE with KEY one of threads, xla"):
+    bench_inference.parse_engine("jax/spin=0")
+  with pytest.raises(SystemExit):
+    bench_inference.parse(["--smoke", "--engines", "onnxruntime/spin"])
+
+
+def test_memory_guard_kills_and_reports():
+  """An engine process that grows past the limit is killed and named, not left to take the machine."""
+  guard = common.MemoryGuard(0.3)
+  grow = "import sys, time; x = bytearray(600 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(30)"
+  child = common.Child([sys.executable, "-c", grow], None, guard)
+  with pytest.raises(common.ChildFailed, match="memory guard"):
+    child.ready()
+  child.close()
+  with common.Child([sys.executable, "-c", "print('ready'); import sys; sys.stdin.readline()"], None,
+                    common.MemoryGuard(8)) as ok:
+    ok.ready()
+
+
+def test_precision_smoke(capsys):
+  """bench_precision: every engine scores the held-out images; float32 ONNX keeps JAX's AUROCs."""
+  for mod in ("onnxruntime", "openvino", "jax2onnx", "nncf"):
+    pytest.importorskip(mod)
+  import bench_precision
+  rows = bench_precision.main(["--smoke", "--engines", "jax,onnxruntime,openvino_bf16,openvino_int8"])
+  by = {r["engine"]: r for r in rows}
+  assert list(by) == ["jax", "onnxruntime", "openvino_bf16", "openvino_int8"]
+  assert by["onnxruntime"]["d_score"] < 1e-4 and by["onnxruntime"]["d_i"] == 0 and by["jax"]["d_score"] == 0
+  assert all(0 <= r["i_auroc"] <= 1 and 0 <= r["p_auroc"] <= 1 and r["s_img"] > 0 for r in rows)
+  assert 0 < by["openvino_bf16"]["d_map"] < 0.1 and 0 < by["openvino_int8"]["d_map"] < 0.5
+  assert "mean over 1 categories (dots)" in capsys.readouterr().out
 
 
 def test_gpu_script_without_gpu():
