@@ -135,25 +135,27 @@ def build(config):
   from ssvp_jax.models import clip as clip_lib
   from ssvp_jax.models import dinov3 as dinov3_lib
   from ssvp_jax.models.ssvp import SSVP
-  if config.clip.random_init:
+  sem = config.backbones.semantic
+  if sem.random_init:
     return build_lib.build_model(config)
   dtype = build_lib.compute_dtype(config)
-  clip = clip_lib.empty(clip_lib.vit_l14_336().replace(pos_interpolation=config.clip.pos_interpolation), dtype=dtype)
+  clip = clip_lib.empty(clip_lib.vit_l14_336().replace(pos_interpolation=sem.pos_interpolation),
+                        local_tokens=sem.local_tokens, dtype=dtype)
   dino = bundle.zeros_module(lambda: dinov3_lib.DINOv3(dinov3_lib.DINOv3Config.vitl16(), dtype=dtype, rngs=nnx.Rngs(0)))
   _random_params(clip, 1)
   _random_params(dino, 2)
   heads_dtype = None if dtype == jax.numpy.float32 else dtype
-  model = SSVP(config.model, clip, dino, config.clip.layers, config.dino.layers, config.clip.local_tokens,
-               dtype=heads_dtype, rngs=nnx.Rngs(params=3))
+  model = SSVP(clip, dino, config, dtype=heads_dtype, rngs=nnx.Rngs(params=3))
   return model, clip_lib.byte_level_tokenizer()
 
 
 def backbone_specs(model, config) -> list:
   """The two backbones as `common.Spec`s at the configured sizes (for the analytic FLOP count)."""
-  v, d = model.clip.config.vision, model.dino.cfg
-  return [common.Spec("clip", "clip", v.width, v.layers, v.heads, v.mlp_dim, v.patch_size, config.clip.image_size),
+  v, d = model.semantic.config.vision, model.structural.cfg
+  sem, struct = config.backbones.semantic, config.backbones.structural
+  return [common.Spec("clip", "clip", v.width, v.layers, v.heads, v.mlp_dim, v.patch_size, sem.image_size),
           common.Spec("dino", "dinov3", d.hidden_size, d.num_layers, d.num_heads, d.intermediate_size, d.patch_size,
-                      config.dino.image_size, registers=d.num_register_tokens)]
+                      struct.image_size, registers=d.num_register_tokens)]
 
 
 def compiled_step(model, config, batch: int):
@@ -171,14 +173,15 @@ def compiled_step(model, config, batch: int):
   from ssvp_jax.models.prompts import templates_for
   from ssvp_jax.models.ssvp import SSVP
   rng = np.random.default_rng(0)
-  ci = jnp.asarray(rng.standard_normal((batch, config.clip.image_size, config.clip.image_size, 3)), jnp.float32)
-  di = jnp.asarray(rng.standard_normal((batch, config.dino.image_size, config.dino.image_size, 3)), jnp.float32)
+  sc, sd = config.backbones.semantic.image_size, config.backbones.structural.image_size
+  ci = jnp.asarray(rng.standard_normal((batch, sc, sc, 3)), jnp.float32)
+  di = jnp.asarray(rng.standard_normal((batch, sd, sd, 3)), jnp.float32)
   from ssvp_jax.models import clip as clip_lib
   templates = templates_for(model, clip_lib.byte_level_tokenizer(), ["bottle"], config)
   table = functional.Bound(SSVP.prompt_table, model)((jnp.asarray(templates.ids), jnp.asarray(templates.eot)))
   t_init = jnp.broadcast_to(table[:1], (batch,) + table.shape[1:])
   graphdef, state = nnx.split(model)
-  size, sigma = int(config.clip.image_size), float(config.eval.sigma)
+  size, sigma = int(sc), float(config.eval.sigma)
 
   def step(state, ci, di, t_init):
     return evaluate.eval_step(nnx.merge(graphdef, state), ci, di, t_init, size, sigma)
@@ -208,7 +211,7 @@ def measure(args: argparse.Namespace, *, device_peak: float | None = None) -> di
               times=times, step_s=step_s, ips=args.batch / step_s, xla_flops=xla_flops, analytic_flops=analytic,
               achieved=flops / step_s, peak=peak, frac=flops / step_s / peak,
               mfu=(flops / step_s / device_peak) if device_peak else None,
-              sizes=(config.clip.image_size, config.dino.image_size))
+              sizes=(config.backbones.semantic.image_size, config.backbones.structural.image_size))
 
 
 def print_result(r: dict) -> None:
@@ -266,7 +269,7 @@ def onnx_options(name: str, opts: dict[str, str]) -> dict[str, str]:
 def bench_model(args: argparse.Namespace):
   """(config, SSVP model, inference.Engine for "bottle"), seeded random weights."""
   from ssvp_jax import inference
-  from ssvp_jax.trainer import views
+  from ssvp_jax.data.pipeline import views
   config = get_config(args)
   model, tokenizer = build(config)
   engine = inference.Engine(model, config, "bottle", inference.category_table(model, tokenizer, config, "bottle"),
