@@ -140,28 +140,30 @@ def _to_storage(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
   return a.view(np.uint16) if dtype == DTYPES["bfloat16"] else a
 
 
+def _array_names(field: str, num_taps: int) -> list[str]:
+  """The stored arrays of one Features field: one per tap for the local fields (tuples), else one."""
+  return [f"{field}.{l}" for l in range(num_taps)] if field.endswith("_local") else [field]
+
+
 def _one(feats: Features, b: int) -> dict[str, np.ndarray]:
   """Image `b` of a batch of features as flat named arrays."""
   out = {}
   for field, value in feats._asdict().items():
-    if isinstance(value, tuple):
-      out.update({f"{field}.{l}": t[b] for l, t in enumerate(value)})
-    else:
-      out[field] = value[b]
+    arrays = value if isinstance(value, tuple) else (value,)
+    out.update({name: a[b] for name, a in zip(_array_names(field, len(arrays)), arrays, strict=True)})
   return out
 
 
 def entry_names(num_taps: int) -> set[str]:
   """The arrays of one entry: every Features field (per tap for the local ones) and the mask."""
-  return {name for f in Features._fields
-          for name in ([f"{f}.{l}" for l in range(num_taps)] if f.endswith("_local") else [f])} | {"mask"}
+  return {name for f in Features._fields for name in _array_names(f, num_taps)} | {"mask"}
 
 
 def _stack(entries: Sequence[dict[str, np.ndarray]], num_taps: int) -> Features:
   def s(name):
     return np.stack([e[name] for e in entries])
-  return Features(**{f: tuple(s(f"{f}.{l}") for l in range(num_taps)) if f.endswith("_local") else s(f)
-                      for f in Features._fields})
+  fields = {f: [s(name) for name in _array_names(f, num_taps)] for f in Features._fields}
+  return Features(**{f: tuple(v) if f.endswith("_local") else v[0] for f, v in fields.items()})
 
 
 def round_trip(feats: Features, dtype: str) -> Features:

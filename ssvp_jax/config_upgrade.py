@@ -29,8 +29,8 @@ MODEL_KEYS = {
     "s_global": "vtam.s_global",
     # s_local ("topk" | "max") and s_local_topk become vtam.top_k (k, or 0 for the max): see `upgrade`.
 }
-# keys the old `model` section gained over time, with the behaviour of the configs written before
 S_GLOBAL = {"prob": "softmax", "cosine": "cosine"}
+# keys the old `model` section gained over time, with the behaviour of the configs written before
 MODEL_ABSENT = {"clip_token_norm": False, "rec_reduction": "mean", "vae_stop_grad": False}
 REFERENCE_BACKBONES = {"clip": "semantic", "dino": "structural"}
 

@@ -36,8 +36,6 @@ from ssvp_jax.models.ssvp import FROZEN, SSVP, TRAINABLE
 log = logging.getLogger("ssvp_jax")
 
 
-
-
 def seg_maps(out, size: int, loss_cfg) -> tuple[list[jax.Array], list[bool]]:
   """The maps L_seg supervises at the mask's resolution, and which of them are logits.
 

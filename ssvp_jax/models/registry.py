@@ -19,7 +19,6 @@ from ssvp_jax.models import clip, dinov2, dinov3
 from ssvp_jax.models.backbone import ROLES
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Entry:
   role: str                 # "semantic" | "structural"

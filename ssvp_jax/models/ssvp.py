@@ -76,13 +76,13 @@ class SSVP(nnx.Module):
                        f"layers {self.structural_layers} must tap the same number of scales")
     text: TextSide = semantic
     dim = semantic.global_dim  # D_c: V_syn lives in the semantic joint space (768 at full size)
-    self.prompts = PromptLearner(text.text_width, **_kwargs(config.prompts), rngs=rngs)
+    self.prompts = PromptLearner(text.text_width, **config.prompts, rngs=rngs)
     self.hsvs = HSVS(len(self.semantic_layers), clip_dim=dim, dino_dim=structural.local_dim,
                      clip_in_dim=None if text.local_in_joint_space else semantic.local_dim,
-                     **_kwargs(config.hsvs), dtype=dtype, rngs=rngs)
-    self.vcpg = VCPG(dim, **_kwargs(config.vcpg), dtype=dtype, rngs=rngs)
+                     **config.hsvs, dtype=dtype, rngs=rngs)
+    self.vcpg = VCPG(dim, **config.vcpg, dtype=dtype, rngs=rngs)
     # D21: VTAM computes in float32 (dtype None on float32 inputs, see `heads`).
-    self.vtam = VTAM(dim, len(self.semantic_layers), num_normal=config.prompts.n_prompts, **_kwargs(config.vtam),
+    self.vtam = VTAM(dim, len(self.semantic_layers), num_normal=config.prompts.n_prompts, **config.vtam,
                      rngs=rngs)
 
   @property
@@ -137,8 +137,3 @@ class SSVP(nnx.Module):
     """Deterministic inference end to end: images -> anomaly maps (token grid) and scores."""
     t_init = self.prompt_table(templates)[class_index]
     return self.heads(self.features(semantic_images, structural_images), t_init, deterministic=True)
-
-
-def _kwargs(section) -> dict:
-  """A config section as constructor keyword arguments (tuples stay tuples)."""
-  return dict(section.to_dict() if hasattr(section, "to_dict") else section)
